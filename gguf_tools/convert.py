@@ -38,7 +38,7 @@ class ConversionError(RuntimeError):
 class Reporter(Protocol):
     def start(self, n_tensors: int, n_bytes: int) -> None: ...
     def advance(self, name: str, n_bytes: int) -> None: ...
-    def finish(self) -> None: ...
+    def finish(self, ok: bool = True) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,7 @@ def _write(plan: ConversionPlan, ckpt: Checkpoint, path: Path, reporter: Reporte
     fout = w.fout[0]
     if reporter:
         reporter.start(len(plan.tensors), plan.total_bytes)
+    ok = False
     try:
         for t in plan.tensors:
             w.write_padding(fout, fout.tell())
@@ -198,12 +199,13 @@ def _write(plan: ConversionPlan, ckpt: Checkpoint, path: Path, reporter: Reporte
                 reporter.advance(t.name, t.n_bytes)
         fout.flush()
         os.fsync(fout.fileno())
+        ok = True
     except OSError as e:
         raise ConversionError(f"cannot write {path.name}: {e.strerror or e}") from None
     finally:
         w.close()
         if reporter:
-            reporter.finish()
+            reporter.finish(ok)
 
 
 def _add_kv(w: GGUFWriter, key: str, value: Any, vtype: str) -> None:

@@ -25,5 +25,7 @@ class RichReporter:
         t = self.progress.tasks[0]
         self.progress.update(self.task, advance=n_bytes, tensor=name, done=t.fields["done"] + 1)
 
-    def finish(self) -> None:
+    def finish(self, ok: bool = True) -> None:
+        if not ok:  # a failed run ends with its one error line, not a half-drawn bar
+            self.progress.live.transient = True
         self.progress.stop()

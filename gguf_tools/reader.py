@@ -46,8 +46,11 @@ class GGUFFile:
         for key, f in self._reader.fields.items():
             if key.startswith("GGUF."):
                 continue
-            self.kv[key] = f.contents()
+            value = f.contents()
             main = GGUFValueType(f.types[0]).name if f.types else "?"
+            if main == "FLOAT32":  # the shortest decimal that is this float32: 1e-06, not 9.99999997e-07
+                value = float(str(np.float32(value)))
+            self.kv[key] = value
             self.kv_types[key] = main if main != "ARRAY" else f"ARRAY[{GGUFValueType(f.types[-1]).name}]"
         self.tensors: dict[str, TensorInfo] = {}
         for t in self._reader.tensors:
