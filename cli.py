@@ -10,6 +10,8 @@ from typing import Iterator, Optional
 
 import typer
 
+from gguf_tools.presets import DEFAULT_TYPE
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Quantize DiffusionGemma checkpoints into GGUF and run them on one machine.")
 
@@ -37,7 +39,7 @@ def _echo_json(obj: object) -> None:
 def quantize(
     src: Path = typer.Argument(..., help="Checkpoint folder (config.json, tokenizer, *.safetensors)."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output .gguf (default: <model>-<TYPE>.gguf)."),
-    type_name: str = typer.Option("BF16", "--type", help="Tensor type or preset, as llama.cpp spells it."),
+    type_name: str = typer.Option(DEFAULT_TYPE, "--type", help="Tensor type or preset, as llama.cpp spells it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan without reading any weight."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON."),
 ) -> None:

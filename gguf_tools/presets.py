@@ -15,6 +15,7 @@ from pathlib import Path
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "quant_presets"
+DEFAULT_TYPE = "BF16"  # what `quantize` writes without --type; Q4_K_M once its preset exists
 
 # Types this build can write (the K-quants arrive with their quantizers).
 WRITABLE = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}

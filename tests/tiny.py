@@ -58,7 +58,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Non-trivial values everywhere (norm weights, scalars, router scales), so that a wrong
     mapping or a skipped multiply changes the logits."""
     g = torch.Generator().manual_seed(seed + 1)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    # state_dict holds what a checkpoint holds; non-persistent buffers (rope inv_freq, the embedding
+    # scale) are derived from the config and must keep their values
+    for name, p in model.state_dict(keep_vars=True).items():
         if not p.is_floating_point():
             continue
         if "layer_scalar" in name:

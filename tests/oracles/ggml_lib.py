@@ -127,12 +127,17 @@ def _value(L: C.CDLL, ctx: int, i: int) -> Any:
 _DEQUANT = {Q.F16: "ggml_fp16_to_fp32_row", Q.BF16: "ggml_bf16_to_fp32_row"}
 
 
+def _row_fn(prefix: str, qtype: Q) -> str:
+    name = qtype.name.lower()  # ggml spells the K-quants q4_K
+    return f"{prefix}_{name[:-2] + '_K' if name.endswith('_k') else name}"
+
+
 def dequantize(raw: bytes | np.ndarray, qtype: Q, n_elements: int) -> np.ndarray:
     """ggml's own to-float row function for `qtype`."""
     raw = np.ascontiguousarray(np.frombuffer(bytes(raw), dtype=np.uint8))
     if qtype == Q.F32:
         return raw.view(np.float32).copy()
-    fn = getattr(lib(), _DEQUANT.get(qtype, f"dequantize_row_{qtype.name.lower()}"))
+    fn = getattr(lib(), _DEQUANT.get(qtype, _row_fn("dequantize_row", qtype)))
     fn.restype = None
     fn.argtypes = [C.c_void_p, C.c_void_p, C.c_int64]
     out = np.empty(n_elements, dtype=np.float32)

@@ -1,0 +1,296 @@
+"""DiffusionGemma forward pass in torch, reading weights from a GGUF through `WeightStore`.
+
+One set of 30 (or N) layers runs in two modes (arch notes §1, §3, §5.3, §5.4):
+
+* encoder mode (`encode`): causal over the new tokens plus the KV cache, writes the cache, uses the
+  encoder layer scalars. Prefill goes in chunks, so a long prompt never builds a P x P mask.
+* decoder mode (`decode`): the canvas at positions cur..cur+C-1 attends to the cached context plus
+  the whole canvas with no mask, reads the cache and never writes it, uses the decoder scalars and
+  the self-conditioning input block.
+
+Attribute names follow the GGUF tensor names (`Block.attn_q` holds "blk.{i}.attn_q.weight"), so a
+reader can go from the code to the file. Weights are fetched per use (see weights.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gguf_tools.arch import ArchSpec, LayerGeometry
+
+from .weights import WeightStore
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma 4 RMSNorm: fp32 inside, weight used as is (no +1), pow(-0.5) as transformers does."""
+    y = x.float()
+    y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def gelu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return (F.gelu(x @ gate.T, approximate="tanh") * (x @ up.T)) @ down.T
+
+
+def inv_freq(g: LayerGeometry) -> torch.Tensor:
+    """Sliding layers: plain rope over the head. Full layers ("proportional"): the exponent's
+    denominator is the full head dim, and only the first `rotated_pairs` frequencies are non-zero,
+    so the remaining dims pass through unrotated (cos 1, sin 0) exactly as in transformers."""
+    k = torch.arange(0, 2 * g.rotated_pairs, 2, dtype=torch.int64).to(torch.float32)
+    f = 1.0 / (g.rope_base ** (k / g.rope_dims))
+    return torch.cat([f, torch.zeros(g.rope_dims // 2 - g.rotated_pairs, dtype=torch.float32)])
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half; x [T, heads, d], cos/sin [T, d]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V written by encoder mode: [n_kv_head, T, head_dim] (post norm and rope).
+
+    Sliding layers keep only the last `window - 1` keys: with the new query that is exactly the
+    window the next token can see (the same rule as transformers' DynamicSlidingWindowLayer).
+    """
+
+    spec: ArchSpec
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+    length: int = 0  # tokens encoded so far = position of the next token
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [None] * self.spec.block_count
+            self.values = [None] * self.spec.block_count
+
+    def get(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.keys[layer], self.values[layer]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replace a layer's K/V with `k`, `v` (cached + new), trimmed for sliding layers."""
+        if self.spec.layer(layer).sliding:
+            keep = max(self.spec.sliding_window - 1, 0)
+            k, v = k[:, k.shape[1] - min(keep, k.shape[1]):], v[:, v.shape[1] - min(keep, v.shape[1]):]
+        self.keys[layer], self.values[layer] = k, v
+
+    def cached_len(self, layer: int) -> int:
+        k = self.keys[layer]
+        return 0 if k is None else k.shape[1]
+
+
+class Block:
+    """One transformer layer; attributes are the GGUF tensor names of that layer."""
+
+    def __init__(self, model: DiffusionGemmaModel, i: int):
+        self.m, self.i = model, i
+        self.geo = model.spec.layer(i)
+        p = f"blk.{i}."
+        for suffix in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
+                       "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm_1",
+                       "ffn_gate_inp", "pre_ffw_norm_2", "ffn_down_exps", "post_ffw_norm_2", "post_ffw_norm"):
+            setattr(self, suffix, p + suffix + ".weight")
+        self.ffn_gate_inp_scale = p + "ffn_gate_inp.scale"
+        self.ffn_down_exps_scale = p + "ffn_down_exps.scale"
+        self.layer_output_scale = model.weights.layer_scale_name(i, encoder=False)
+        self.enc_layer_output_scale = model.weights.layer_scale_name(i, encoder=True)
+        self.inv_freq = inv_freq(self.geo).to(model.device)
+
+    def w(self, name: str) -> torch.Tensor:
+        return self.m.weights.get(name, self.m.device, self.m.dtype)
+
+    def norm(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
+        # norm weights are applied in fp32 (they are stored F32), whatever the compute dtype
+        w = None if name is None else self.m.weights.get(name, self.m.device, torch.float32)
+        return rms_norm(x, w, self.m.eps)
+
+    # ---- attention --------------------------------------------------------------------------
+    def qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [Hq, T, d]; k, v [Hkv, T, d] for tokens at absolute positions `pos`."""
+        d, t = self.geo.head_dim, x.shape[0]
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        q = self.norm((x @ self.w(self.attn_q).T).view(t, -1, d), self.attn_q_norm)
+        k_raw = (x @ self.w(self.attn_k).T).view(t, -1, d)
+        # k_eq_v: full layers have no v projection; V is the raw k projection (before k_norm/rope)
+        v_raw = k_raw if self.geo.k_eq_v else (x @ self.w(self.attn_v).T).view(t, -1, d)
+        k = apply_rope(self.norm(k_raw, self.attn_k_norm), cos, sin)
+        v = self.norm(v_raw, None)
+        q = apply_rope(q, cos, sin)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # Gemma 4 attention is scale-free: q and k are RMS-normalised, so scale = 1.0, not d^-0.5
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                           enable_gqa=q.shape[0] != k.shape[0])
+        return o.transpose(0, 1).reshape(q.shape[1], -1) @ self.w(self.attn_output).T
+
+    # ---- feed-forward -----------------------------------------------------------------------
+    def moe(self, r: torch.Tensor) -> torch.Tensor:
+        s = self.m.spec
+        z = self.norm(r, None) * self.w(self.ffn_gate_inp_scale) * s.embedding_length ** -0.5
+        probs = torch.softmax(z @ self.w(self.ffn_gate_inp).T, dim=-1, dtype=torch.float32)
+        top_w, top_i = torch.topk(probs, s.expert_used_count, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        top_w = top_w * self.w(self.ffn_down_exps_scale).float()[top_i]
+        u = self.norm(r, self.pre_ffw_norm_2)
+        out = torch.zeros_like(u)
+        # group by expert: one sort, then each routed expert is dequantized once and runs on all of
+        # its tokens in a single matmul
+        flat = top_i.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=s.expert_count).tolist()
+        token = order // s.expert_used_count
+        weight = top_w.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows, wt = token[start:start + n], weight[start:start + n]
+            start += n
+            gate, up = self.m.weights.expert_gate_up(self.i, e, self.m.device, self.m.dtype)
+            down = self.m.weights.expert(self.ffn_down_exps, e, self.m.device, self.m.dtype)
+            y = gelu_mlp(u[rows], gate, up, down) * wt[:, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        dense = gelu_mlp(self.norm(h, self.ffn_norm), self.w(self.ffn_gate), self.w(self.ffn_up),
+                         self.w(self.ffn_down))
+        dense = self.norm(dense, self.post_ffw_norm_1)
+        moe = self.norm(self.moe(h), self.post_ffw_norm_2)  # router reads the raw residual
+        return h + self.norm(dense + moe, self.post_ffw_norm)
+
+    def forward(self, h: torch.Tensor, start: int, cache: KVCache, encoder: bool) -> torch.Tensor:
+        """`h` [T, H] holds tokens at positions start..start+T-1."""
+        pos = torch.arange(start, start + h.shape[0], device=h.device)
+        q, k, v = self.qkv(self.norm(h, self.attn_norm), pos)
+        past_k, past_v = cache.get(self.i)
+        if past_k is not None:
+            k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        else:
+            k_all, v_all = k, v
+        mask = None
+        if encoder:
+            kpos = torch.arange(start - (k_all.shape[1] - k.shape[1]), start + k.shape[1], device=h.device)
+            mask = kpos[None, :] <= pos[:, None]
+            if self.geo.sliding:
+                mask &= kpos[None, :] > pos[:, None] - self.m.spec.sliding_window
+            cache.store(self.i, k_all, v_all)
+        h = h + self.norm(self.attend(q, k_all, v_all, mask), self.post_attention_norm)
+        h = self.feed_forward(h)
+        return h * self.w(self.enc_layer_output_scale if encoder else self.layer_output_scale)
+
+
+class DiffusionGemmaModel:
+    """`encode` fills a KVCache (optionally returning logits); `decode` scores a canvas against it."""
+
+    def __init__(self, weights: WeightStore | str | Path, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, prefill_chunk: int = 512, vocab_chunk: int = 32768):
+        self.weights = weights if isinstance(weights, WeightStore) else WeightStore(weights)
+        self.spec = self.weights.spec
+        self.device, self.dtype = torch.device(device), dtype
+        self.prefill_chunk, self.vocab_chunk = prefill_chunk, vocab_chunk
+        self.eps = self.spec.layer_norm_rms_epsilon
+        self.vocab = self.weights.info("token_embd.weight").shape[0]
+        self.blocks = [Block(self, i) for i in range(self.spec.block_count)]
+        self.token_embd, self.output_norm = "token_embd.weight", "output_norm.weight"
+        self.self_cond_norm = self.weights.self_cond_norm
+        self.self_cond_gate, self.self_cond_up, self.self_cond_down = (
+            "self_cond_gate.weight", "self_cond_up.weight", "self_cond_down.weight")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    @property
+    def canvas_length(self) -> int:
+        return self.spec.canvas_length
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.spec)
+
+    def w(self, name: str) -> torch.Tensor:
+        return self.weights.get(name, self.device, self.dtype)
+
+    # ---- embeddings and head ------------------------------------------------------------------
+    def embed_scale(self) -> torch.Tensor:
+        # cast to the compute dtype first, as transformers does (sqrt(2816) -> 53.0 in bf16)
+        return torch.tensor(math.sqrt(self.spec.embedding_length), dtype=torch.float32).to(self.dtype)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weights.rows(self.token_embd, tokens, self.device, self.dtype) * self.embed_scale()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, tied head in vocab chunks (the full table is never dequantized at once),
+        then the softcap 30*tanh(x/30) in fp32."""
+        x = rms_norm(h, self.w(self.output_norm), self.eps)
+        out = torch.empty(x.shape[0], self.vocab, dtype=torch.float32, device=self.device)
+        for s in range(0, self.vocab, self.vocab_chunk):
+            e = min(s + self.vocab_chunk, self.vocab)
+            out[:, s:e] = (x @ self.weights.row_range(self.token_embd, s, e, self.device, self.dtype).T).float()
+        cap = self.spec.final_logit_softcapping
+        return torch.tanh(out / cap) * cap
+
+    def soft_embedding(self, prev_logits: torch.Tensor) -> torch.Tensor:
+        """softmax(prev logits) @ E * sqrt(H): the expected embedding under the previous step."""
+        p = torch.softmax(prev_logits.to(self.device), dim=-1, dtype=torch.float32).to(self.dtype)
+        acc = torch.zeros(p.shape[0], self.spec.embedding_length, dtype=self.dtype, device=self.device)
+        for s in range(0, self.vocab, self.vocab_chunk):
+            e = min(s + self.vocab_chunk, self.vocab)
+            acc += p[:, s:e] @ self.weights.row_range(self.token_embd, s, e, self.device, self.dtype)
+        return acc * self.embed_scale()
+
+    def decoder_input(self, canvas: torch.Tensor, self_cond_logits: torch.Tensor | None) -> torch.Tensor:
+        e = self.embed(canvas)
+        if self_cond_logits is not None:
+            s = rms_norm(self.soft_embedding(self_cond_logits), self.w(self.self_cond_norm), self.eps)
+            e = e + gelu_mlp(s, self.w(self.self_cond_gate), self.w(self.self_cond_up), self.w(self.self_cond_down))
+        # with no previous logits the MLP sees zeros and returns exactly zero, so it is skipped;
+        # the outer no-scale norm always applies to the canvas (never to encoder input)
+        return rms_norm(e, None, self.eps)
+
+    # ---- the two modes ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, tokens: torch.Tensor, cache: KVCache, return_logits: bool = False,
+               chunk_size: int | None = None) -> torch.Tensor | None:
+        """Causal pass over `tokens` [P] at positions cache.length.., appending their K/V to the cache."""
+        tokens = tokens.reshape(-1).to(self.device)
+        chunk = chunk_size or self.prefill_chunk
+        outs = []
+        for s in range(0, tokens.shape[0], chunk):
+            part = tokens[s:s + chunk]
+            h = self.embed(part)
+            for blk in self.blocks:
+                h = blk.forward(h, cache.length, cache, encoder=True)
+            cache.length += part.shape[0]
+            if return_logits:
+                outs.append(self.logits(h))
+        if not return_logits:
+            return None
+        return torch.cat(outs) if outs else torch.empty(0, self.vocab, device=self.device)
+
+    @torch.no_grad()
+    def decode(self, canvas: torch.Tensor, cache: KVCache, self_cond_logits: torch.Tensor | None = None,
+               start_pos: int | None = None) -> torch.Tensor:
+        """Canvas logits [C, V] fp32. The canvas sits at positions start_pos.. (default: right after
+        the cached context) and sees every cached key of each layer plus the whole canvas."""
+        canvas = canvas.reshape(-1).to(self.device)
+        start = cache.length if start_pos is None else start_pos
+        h = self.decoder_input(canvas, self_cond_logits)
+        for blk in self.blocks:
+            h = blk.forward(h, start, cache, encoder=False)
+        return self.logits(h)
+
+
+__all__ = ["DiffusionGemmaModel", "KVCache", "rms_norm"]

@@ -1,0 +1,278 @@
+"""GGUF weights for the torch engine: memory-mapped, kept in their stored type, dequantized on use.
+
+Nothing is inflated ahead of time. A matmul asks `WeightStore.get(name, device, dtype)` for its
+operand and receives a freshly dequantized tensor; MoE experts are fetched one expert slice at a
+time, and embedding rows one row set at a time, so a quantized 3-D expert tensor or the 262k-row
+embedding is never turned into float32 as a whole.
+
+The dequantizers are torch ports of gguf-py's numpy kernels (gguf.quants), written so that every
+float operation happens in the same order: the results are bit-identical, which lets the tests
+compare them bit for bit instead of with a tolerance. `DEQUANTIZERS` is the registry that later
+quant types (K-quants) extend.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from gguf_tools.arch import ArchSpec
+from gguf_tools.names import ENC_SCALE, ROPE_FREQS, expected_tensors
+from gguf_tools.reader import GGUFFile, TensorInfo
+
+# blocks [n_blocks, type_size] uint8 -> float32 [n_blocks, block_size]
+Dequantizer = Callable[[torch.Tensor], torch.Tensor]
+DEQUANTIZERS: dict[Q, Dequantizer] = {}
+
+
+def register(qtype: Q) -> Callable[[Dequantizer], Dequantizer]:
+    def deco(fn: Dequantizer) -> Dequantizer:
+        DEQUANTIZERS[qtype] = fn
+        return fn
+    return deco
+
+
+def _half_to_float(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 2k] holding float16 values -> float32 [..., k], bit-identical to numpy's astype.
+
+    torch widens every NaN to one canonical NaN; numpy keeps the payload (sign, 0x7f8 exponent,
+    mantissa << 13). The NaN lanes are rebuilt from the bits so that even random bytes match."""
+    f = b.view(torch.float16).to(torch.float32)
+    h = b.view(torch.int16).to(torch.int32)  # sign-extended: h >> 31 is all ones for a set sign bit
+    sign = (h >> 31) & -(2**31)  # 0x80000000 or 0, built without an int32 shift overflow
+    payload = sign | 0x7F800000 | ((h & 0x3FF) << 13)
+    return torch.where(torch.isnan(f), payload.view(torch.float32), f)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """The fp16 scale at the start of a block row -> float32 column."""
+    return _half_to_float(b.contiguous())
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    # ggml packs element j in the low nibble of byte j and element j+16 in its high nibble
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """The 32 fifth bits of a Q5 block, from its 4-byte little-endian qh word: bit j -> element j."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], 32)
+
+
+def _scale_add_min(dq: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """numpy's `(d * q) + m`. Finite values round identically (torch adds as fma(m, 1, dq), exact
+    in the product); only the NaN payload differs when both sides are NaN, where numpy keeps the
+    first operand's, so that lane is taken from `dq` explicitly."""
+    return torch.where(torch.isnan(dq), dq, dq + m)
+
+
+@register(Q.F32)
+def _deq_f32(b: torch.Tensor) -> torch.Tensor:
+    return b.view(torch.float32)
+
+
+@register(Q.F16)
+def _deq_f16(b: torch.Tensor) -> torch.Tensor:
+    return _half_to_float(b)
+
+
+@register(Q.BF16)
+def _deq_bf16(b: torch.Tensor) -> torch.Tensor:
+    # same bit trick as gguf-py (int16 -> int32 << 16), so NaN payloads survive unchanged
+    return (b.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+
+
+@register(Q.Q8_0)
+def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    return d * b[:, 2:].view(torch.int8).to(torch.float32)
+
+
+@register(Q.Q4_0)
+def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    q = _nibbles(b[:, 2:]).to(torch.int8) - 8
+    return d * q.to(torch.float32)
+
+
+@register(Q.Q4_1)
+def _deq_q4_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    q = _nibbles(b[:, 4:]).to(torch.float32)
+    return _scale_add_min(d * q, m)
+
+
+@register(Q.Q5_0)
+def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    q = (_nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)).to(torch.int8) - 16
+    return d * q.to(torch.float32)
+
+
+@register(Q.Q5_1)
+def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    q = (_nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)).to(torch.float32)
+    return _scale_add_min(d * q, m)
+
+
+def dequantize(raw: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """Raw rows [..., row_bytes] uint8 (on any device) -> float32 [..., row_elements] there."""
+    fn = DEQUANTIZERS.get(qtype)
+    if fn is None:
+        raise NotImplementedError(f"no torch dequantizer for GGML type {qtype.name}")
+    block, size = GGML_QUANT_SIZES[qtype]
+    if raw.shape[-1] % size:
+        raise ValueError(f"{qtype.name}: row of {raw.shape[-1]} bytes is not a whole number of blocks")
+    out = fn(raw.reshape(-1, size))
+    return out.reshape(*raw.shape[:-1], raw.shape[-1] // size * block)
+
+
+def _as_torch(a: np.ndarray) -> torch.Tensor:
+    # the memory map is read-only; torch warns about that, but the engine never writes weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class WeightStore:
+    """One GGUF file, memory-mapped; tensors dequantized on request on the requested device.
+
+    Layout variants accepted (all seen in the wild, see arch notes §4.2, §6.3):
+    fused `ffn_gate_up_exps` or split `ffn_gate_exps` + `ffn_up_exps`; `self_cond_pre_norm` or
+    `self_cond_norm`; no `enc_layer_output_scale` (the decoder scalars then serve both modes).
+    """
+
+    SMALL = 1 << 16  # tensors up to this many elements (norms, scalars) are cached dequantized
+
+    def __init__(self, path: Path | str | GGUFFile):
+        self.file = path if isinstance(path, GGUFFile) else GGUFFile(path)
+        self.path = self.file.path
+        self.spec: ArchSpec = self.file.spec()
+        self.tensors: dict[str, TensorInfo] = self.file.tensors
+        self._raw_on: dict[tuple[str, str], torch.Tensor] = {}
+        self._small: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+        self.self_cond_norm = self._first_present("self_cond_pre_norm.weight", "self_cond_norm.weight")
+        self.fused_gate_up = [f"blk.{i}.ffn_gate_up_exps.weight" in self.tensors
+                              for i in range(self.spec.block_count)]
+        self._validate()
+
+    # ---- checks -----------------------------------------------------------------------------
+    def _first_present(self, *names: str) -> str:
+        return next((n for n in names if n in self.tensors), names[0])
+
+    def _validate(self) -> None:
+        s = self.spec
+        for e in expected_tensors(s):
+            if e.name == ROPE_FREQS or e.name.endswith(ENC_SCALE):
+                continue  # the engine takes the rope split from the spec; enc scales are optional
+            name, shapes = e.name, [e.shape]
+            if name == "self_cond_pre_norm.weight":
+                name = self.self_cond_norm
+            if name.endswith("ffn_gate_up_exps.weight") and not self.fused_gate_up[e.block]:
+                gate, up = (f"blk.{e.block}.{p}" for p in ("ffn_gate_exps.weight", "ffn_up_exps.weight"))
+                if not (self.has(gate) or self.has(up)):
+                    raise ValueError(f"{self.path.name}: missing required tensor {name!r} "
+                                     f"(or the split pair {gate!r} + {up!r})")
+                half = (s.expert_count, s.expert_feed_forward_length, s.embedding_length)
+                self._check(gate, half)
+                self._check(up, half)
+                continue
+            self._check(name, *shapes)
+        for i in range(s.block_count):
+            if self.has(f"blk.{i}.{ENC_SCALE}"):
+                self._check(f"blk.{i}.{ENC_SCALE}", (1,))
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> None:
+        info = self.tensors.get(name)
+        if info is None:
+            raise ValueError(f"{self.path.name}: missing required tensor {name!r}")
+        if tuple(info.shape) != tuple(shape):
+            raise ValueError(f"{self.path.name}: tensor {name!r} has shape {list(info.shape)}, "
+                             f"expected {list(shape)}")
+        if info.qtype not in DEQUANTIZERS:
+            raise ValueError(f"{self.path.name}: tensor {name!r} has type {info.qtype.name}, "
+                             "which this engine cannot dequantize")
+
+    # ---- raw access -------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ValueError(f"{self.path.name}: missing required tensor {name!r}") from None
+
+    def raw(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Stored bytes as uint8 [..., row_bytes]. On CPU a view of the memory map; on another
+        device uploaded once and kept there, still in the stored (quantized) type."""
+        device = torch.device(device)
+        info = self.info(name)
+        if device.type == "cpu":
+            return self._raw_cpu(info)
+        key = (name, str(device))
+        t = self._raw_on.get(key)
+        if t is None:
+            t = self._raw_on[key] = self._raw_cpu(info).to(device)
+        return t
+
+    @staticmethod
+    def _raw_cpu(info: TensorInfo) -> torch.Tensor:
+        flat = np.asarray(info.data).reshape(-1).view(np.uint8)
+        return _as_torch(flat.reshape(*info.shape[:-1], -1))
+
+    # ---- dequantized access -----------------------------------------------------------------
+    def get(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole tensor, NumPy shape, dequantized on `device`. Read-only on CPU/F32."""
+        info = self.info(name)
+        small = info.n_elements <= self.SMALL
+        key = (name, str(device), dtype)
+        if small and key in self._small:
+            return self._small[key]
+        t = dequantize(self.raw(name, device), info.qtype).to(dtype)
+        if small:
+            self._small[key] = t
+        return t
+
+    def rows(self, name: str, index: torch.Tensor, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Selected rows of a 2-D tensor (embedding lookup): only those rows are dequantized."""
+        raw = self.raw(name, device)
+        return dequantize(raw[index.to(raw.device)], self.info(name).qtype).to(dtype)
+
+    def row_range(self, name: str, start: int, stop: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.raw(name, device)[start:stop], self.info(name).qtype).to(dtype)
+
+    def expert(self, name: str, e: int, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Slice `e` of a 3-D expert tensor [E, rows, cols] -> [rows, cols]."""
+        return dequantize(self.raw(name, device)[e], self.info(name).qtype).to(dtype)
+
+    def expert_gate_up(self, layer: int, e: int, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate [F, H], up [F, H]) of one expert, from the fused tensor (gate rows first) or the split pair."""
+        p = f"blk.{layer}."
+        if self.fused_gate_up[layer]:
+            gu = self.expert(p + "ffn_gate_up_exps.weight", e, device, dtype)
+            f = gu.shape[0] // 2
+            return gu[:f], gu[f:]
+        return (self.expert(p + "ffn_gate_exps.weight", e, device, dtype),
+                self.expert(p + "ffn_up_exps.weight", e, device, dtype))
+
+    def layer_scale_name(self, layer: int, encoder: bool) -> str:
+        enc = f"blk.{layer}.{ENC_SCALE}"
+        if encoder and self.has(enc):
+            return enc
+        return f"blk.{layer}.layer_output_scale.weight"
+
+
+__all__ = ["DEQUANTIZERS", "WeightStore", "dequantize", "register"]
