@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 
@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
+def _user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Known failures become one line on stderr and a non-zero exit, never a traceback."""
     from gguf_tools.errors import USER_ERRORS
 
@@ -26,7 +26,7 @@ def _user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("error: interrupted; no output was written", err=True)
         raise typer.Exit(130) from None
-    except USER_ERRORS as e:
+    except USER_ERRORS + extra as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 
@@ -38,7 +38,7 @@ def _echo_json(obj: object) -> None:
 @app.command()
 def quantize(
     src: Path = typer.Argument(..., help="Checkpoint folder (config.json, tokenizer, *.safetensors)."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output .gguf (default: <model>-<TYPE>.gguf)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Output .gguf (default: <model>-<TYPE>.gguf)."),
     type_name: str = typer.Option(DEFAULT_TYPE, "--type", help="Tensor type or preset, as llama.cpp spells it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan without reading any weight."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON."),
@@ -82,6 +82,95 @@ def inspect(
             from gguf_tools.report import print_summary
 
             print_summary(summary)
+
+
+def _engine_errors() -> tuple[type[BaseException], ...]:
+    from engine.run import EngineError
+
+    return (EngineError,)
+
+
+@app.command()
+def run(
+    args: list[str] = typer.Argument(..., metavar="[MODEL.gguf] PROMPT",
+                                     help="Optional GGUF file (default: the embedded model), then the prompt."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: the file's."),
+    steps: int | None = typer.Option(None, "--steps", help="Denoising step budget per canvas."),
+    entropy_bound: float | None = typer.Option(None, "--entropy-bound"),
+    t_min: float | None = typer.Option(None, "--t-min"),
+    t_max: float | None = typer.Option(None, "--t-max"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch."),
+    think: bool = typer.Option(False, "--think", help="Turn the model's thinking channel on."),
+    raw: bool = typer.Option(False, "--raw", help="No chat template: the prompt is the text."),
+    show_canvas: bool = typer.Option(False, "--show-canvas", help="Live view of the canvas as it denoises."),
+    as_json: bool = typer.Option(False, "--json", help="Text, ids, steps, speeds and memory as JSON."),
+) -> None:
+    """Generate text with a DiffusionGemma GGUF (block diffusion, entropy-bound sampler)."""
+    if len(args) > 2:
+        typer.echo("error: expected [MODEL.gguf] PROMPT", err=True)
+        raise typer.Exit(2)
+    model = Path(args[0]) if len(args) == 2 else None
+    prompt = args[-1]
+    with _user_errors(_engine_errors()):
+        from contextlib import nullcontext
+
+        from engine.run import RunOptions, run_prompt
+
+        opts = RunOptions(max_new_tokens, steps, entropy_bound, t_min, t_max, seed, device, threads, think, raw)
+        on_text = None if as_json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        view = None
+        if show_canvas and not as_json:
+            from engine.live import CanvasView
+
+            view = CanvasView()
+        with view or nullcontext():
+            result = run_prompt(model, prompt, opts, on_text=on_text, view=view)
+        if as_json:
+            _echo_json(result.to_json())
+        else:
+            sys.stdout.write("\n")
+            typer.echo(f"[{len(result.token_ids)} tokens, {len(result.steps_per_canvas)} canvas(es), steps "
+                       f"{result.steps_per_canvas}, prefill {result.prefill_tokens_per_s:.1f} tok/s, "
+                       f"generation {result.generated_tokens_per_s:.1f} tok/s, {result.device}]", err=True)
+
+
+def _ids(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise typer.BadParameter(f"{flag} must be comma-separated integers") from None
+
+
+@app.command()
+def logits(
+    model: Path = typer.Argument(..., help="A diffusion-gemma GGUF."),
+    tokens: str = typer.Option(..., "--tokens", help="Comma-separated token ids (the context)."),
+    canvas: str | None = typer.Option(None, "--canvas", help="Comma-separated canvas ids: decoder logits."),
+    self_cond: Path | None = typer.Option(None, "--self-cond", help="[C, V] .npy of previous scaled logits."),
+    out: Path = typer.Option(..., "--out", help="Where to write the logits (.npy)."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Write encoder logits [P, V] (or, with --canvas, decoder canvas logits [C, V]) to a .npy file."""
+    tok = _ids(tokens, "--tokens")
+    can = _ids(canvas, "--canvas") if canvas is not None else None
+    with _user_errors(_engine_errors()):
+        import numpy as np
+
+        from engine.run import EngineError, compute_logits
+        from gguf_tools.atomic import atomic_path
+
+        sc = None
+        if self_cond is not None:
+            try:
+                sc = np.load(self_cond, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise EngineError(f"{self_cond}: not a readable .npy array ({e})") from None
+        result = compute_logits(model, tok, can, sc, device)
+        with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, result)
+        typer.echo(f"wrote {out} {list(result.shape)}")
 
 
 def main() -> None:

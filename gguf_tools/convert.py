@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType, GGUFWriter
 from gguf.quants import quantize as gguf_quantize
 from gguf.utility import size_label
 

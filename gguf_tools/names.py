@@ -7,8 +7,8 @@ shared/reference/diffusiongemma-arch.md §4.2 (llama.cpp gemma4 TensorNameMap + 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .arch import ARCH, ArchSpec
 

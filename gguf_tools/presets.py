@@ -12,7 +12,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "quant_presets"
 DEFAULT_TYPE = "BF16"  # what `quantize` writes without --type; Q4_K_M once its preset exists

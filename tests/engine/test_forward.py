@@ -187,7 +187,7 @@ def test_dequantizer_registry_covers_writable_types():
 def test_tiny_model_exercises_window_and_k_eq_v(tiny):
     _, spec, f32, _, _ = tiny
     ws = WeightStore(f32)
-    assert PROMPT > spec.sliding_window and CANVAS > spec.sliding_window
+    assert spec.sliding_window < PROMPT and spec.sliding_window < CANVAS
     full = [i for i in range(spec.block_count) if spec.layer(i).k_eq_v]
     assert full and all(not ws.has(f"blk.{i}.attn_v.weight") for i in full)
 
@@ -375,7 +375,8 @@ def test_missing_tensor_is_named(tiny, tmp_path, drop, split):
 
 
 def test_wrong_shape_is_reported(tiny, tmp_path):
-    path = _variant(tiny, tmp_path, "badshape", lambda t: t.update({"blk.0.attn_q_norm.weight": np.ones(3, np.float32)}))
+    bad = {"blk.0.attn_q_norm.weight": np.ones(3, np.float32)}
+    path = _variant(tiny, tmp_path, "badshape", lambda t: t.update(bad))
     with pytest.raises(ValueError, match=r"blk\.0\.attn_q_norm\.weight.*shape"):
         WeightStore(path)
 

@@ -1,0 +1,216 @@
+"""What `diffgemma run` and `diffgemma logits` do, as library functions the CLI and tests call.
+
+Every input check happens before anything large is allocated, and every failure a user can cause is
+an EngineError with a one-line message.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gguf_tools.reader import GGUFError, GGUFFile
+
+from .generate import GenerationResult, ModelRunner, StepInfo, generate
+from .model import DiffusionGemmaModel
+from .tokenizer import GGUFTokenizer
+from .weights import WeightStore
+
+
+class EngineError(ValueError):
+    """Bad input to the engine: the message names the problem."""
+
+
+@dataclass
+class RunOptions:
+    max_new_tokens: int | None = None  # None: the file's defaults
+    steps: int | None = None
+    entropy_bound: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    think: bool = False
+    raw: bool = False
+
+
+@dataclass
+class RunResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    steps_per_canvas: list[int]
+    finished: bool
+    prefill_tokens_per_s: float
+    generated_tokens_per_s: float
+    peak_memory_bytes: int
+    device: str
+    model: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "steps_per_canvas", "finished",
+                                              "prefill_tokens_per_s", "generated_tokens_per_s",
+                                              "peak_memory_bytes", "device", "model")}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda was asked for, but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise EngineError(f"unknown device {name!r} (use auto, cpu or cuda)")
+    return torch.device(name)
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    file: GGUFFile
+    model: DiffusionGemmaModel
+    tokenizer: GGUFTokenizer | None
+
+
+def load(path: Path | None, device: torch.device, need_tokenizer: bool = True) -> LoadedModel:
+    if path is None:
+        from .default_model import default_model_path
+
+        path = default_model_path()
+    try:
+        f = GGUFFile(path)
+        if f.architecture != "diffusion-gemma":
+            raise EngineError(f"{f.path.name}: architecture is {f.architecture!r}, not 'diffusion-gemma'")
+        store = WeightStore(f)
+    except GGUFError as e:
+        raise EngineError(str(e)) from None
+    except ValueError as e:  # missing tensors, wrong shapes, unsupported types (named by the store)
+        raise EngineError(str(e)) from None
+    tok = None
+    if need_tokenizer:
+        if "tokenizer.ggml.tokens" not in f.kv:
+            raise EngineError(f"{f.path.name}: no tokenizer.ggml.* metadata (a text model needs a vocabulary)")
+        try:
+            tok = GGUFTokenizer.from_kv(f.kv)
+        except (ValueError, KeyError) as e:
+            raise EngineError(f"{f.path.name}: bad tokenizer metadata ({e})") from None
+    return LoadedModel(f.path, f, DiffusionGemmaModel(store, device), tok)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_prompt(path: Path | None, prompt: str, opts: RunOptions,
+               on_text: Callable[[str], None] | None = None,
+               on_step: Callable[[StepInfo], None] | None = None, view: Any = None) -> RunResult:
+    """Generate text for `prompt`; `on_text` receives the new text of each committed canvas;
+    `view` (engine.live.CanvasView) gets the tokenizer and every step."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = resolve_device(opts.device)
+    lm = load(path, device)
+    spec, tok = lm.model.spec, lm.tokenizer
+    assert tok is not None
+    if view is not None:
+        view.tok = tok
+        on_step = view.step
+    ids = tok.raw(prompt) if opts.raw else tok.apply_chat([{"role": "user", "content": prompt}], think=opts.think)
+    s = spec.sampler
+    max_new = opts.max_new_tokens if opts.max_new_tokens is not None else s.max_new_tokens
+    if max_new < 1:
+        raise EngineError("--max-new-tokens must be at least 1")
+    n_canvas_tokens = -(-max_new // spec.canvas_length) * spec.canvas_length
+    if len(ids) + n_canvas_tokens > spec.context_length:
+        raise EngineError(f"prompt ({len(ids)} tokens) plus {n_canvas_tokens} canvas tokens exceeds the "
+                          f"context length {spec.context_length}")
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    runner = _TimedRunner(lm.model)
+    emitted: list[int] = []
+    text_so_far = ""
+
+    def canvas_done(_: int, tokens: torch.Tensor) -> None:
+        nonlocal text_so_far
+        emitted.extend(int(t) for t in tokens.tolist())
+        text = tok.decode(emitted)
+        if on_text is not None and text.startswith(text_so_far):
+            on_text(text[len(text_so_far):])
+        text_so_far = text
+
+    t0 = time.perf_counter()
+    result: GenerationResult = generate(
+        runner, torch.tensor(ids, dtype=torch.long), max_new_tokens=max_new,
+        steps=opts.steps if opts.steps is not None else s.max_steps,
+        entropy_bound=opts.entropy_bound if opts.entropy_bound is not None else s.entropy_bound,
+        t_min=opts.t_min if opts.t_min is not None else s.t_min,
+        t_max=opts.t_max if opts.t_max is not None else s.t_max,
+        stability_threshold=s.stability_threshold, confidence_threshold=s.confidence_threshold,
+        eos_ids=spec.eos_token_ids, pad_id=spec.pad_token_id, generator=generator, on_step=on_step,
+        on_canvas=canvas_done)
+    total = time.perf_counter() - t0
+    tokens = [int(t) for t in result.tokens.tolist()]
+    decode_s = max(total - runner.prefill_s, 1e-9)
+    return RunResult(
+        text=tok.decode(tokens), token_ids=tokens, prompt_tokens=len(ids), steps_per_canvas=result.steps_per_canvas,
+        finished=result.finished, prefill_tokens_per_s=len(ids) / max(runner.prefill_s, 1e-9),
+        generated_tokens_per_s=len(tokens) / decode_s, peak_memory_bytes=_peak_memory(device),
+        device=str(device), model=str(lm.path), timings={"prefill_s": runner.prefill_s, "total_s": total})
+
+
+class _TimedRunner(ModelRunner):
+    """Times the first encode (the prompt prefill) separately from denoising."""
+
+    def __init__(self, model: DiffusionGemmaModel):
+        super().__init__(model)
+        self.prefill_s = 0.0
+        self._first = True
+
+    def encode(self, tokens: torch.Tensor) -> None:
+        t = time.perf_counter()
+        super().encode(tokens)
+        if self._first:
+            self.prefill_s = time.perf_counter() - t
+            self._first = False
+
+
+def compute_logits(path: Path, tokens: list[int], canvas: list[int] | None = None,
+                   self_cond: np.ndarray | None = None, device: str = "auto") -> np.ndarray:
+    """Encoder logits [P, V] for `tokens`, or, with `canvas`, the decoder's logits [C, V] for the
+    canvas after `tokens` were prefilled as context (optionally with self-conditioning [C, V])."""
+    dev = resolve_device(device)
+    lm = load(path, dev, need_tokenizer=False)
+    m, spec = lm.model, lm.model.spec
+    vocab = m.vocab_size
+    if not tokens:
+        raise EngineError("--tokens is empty")
+    for what, ids in (("--tokens", tokens), ("--canvas", canvas or [])):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise EngineError(f"{what}: token id {bad[0]} is out of range [0, {vocab})")
+    if len(tokens) + len(canvas or []) > spec.context_length:
+        raise EngineError(f"{len(tokens) + len(canvas or [])} positions exceed the context length "
+                          f"{spec.context_length}")
+    if self_cond is not None:
+        if canvas is None:
+            raise EngineError("--self-cond needs --canvas")
+        if self_cond.shape != (len(canvas), vocab):
+            raise EngineError(f"--self-cond has shape {list(self_cond.shape)}, expected [{len(canvas)}, {vocab}]")
+        if not np.isfinite(self_cond).all():
+            raise EngineError("--self-cond contains NaN or Inf")
+    cache = m.new_cache()
+    ctx = torch.tensor(tokens, dtype=torch.long)
+    if canvas is None:
+        return m.encode(ctx, cache, return_logits=True).cpu().numpy()
+    m.encode(ctx, cache)
+    sc = None if self_cond is None else torch.from_numpy(np.ascontiguousarray(self_cond, dtype=np.float32))
+    return m.decode(torch.tensor(canvas, dtype=torch.long), cache, sc).cpu().numpy()
