@@ -115,12 +115,32 @@ class ModelRunner:
         self._self_cond_kw = next(
             (name for name in ("self_cond_logits", "self_cond") if _takes(model.decode, name)), None
         )
+        self._scaled: torch.Tensor | None = None  # the last scaled logits decode_scaled returned
+        self._soft: torch.Tensor | None = None  # ... and the soft embedding of exactly those
 
     def encode(self, tokens: torch.LongTensor) -> None:
         if self._encode_cache:
             self.model.encode(tokens, cache=self.cache)
         else:
             self.model.encode(tokens)
+
+    def decode_scaled(self, canvas: torch.LongTensor, self_cond: torch.Tensor | None, temp: float) -> torch.Tensor:
+        """Temperature-scaled logits. A model with `decode_step` computes, in the same pass over its
+        embedding table, the soft embedding of exactly these scaled logits; when the loop hands them
+        back unchanged as the next step's self-conditioning, that embedding is reused instead of
+        recomputed from [C, V] logits."""
+        step = getattr(self.model, "decode_step", None)
+        if step is None or self.cache is None:
+            return S.scale_logits(self.decode(canvas, self_cond), temp)
+        if self_cond is None:
+            soft = None
+        elif self_cond is self._scaled:
+            soft = self._soft
+        else:
+            soft = self.model.soft_embedding(self_cond)
+        logits, self._soft = step(canvas, self.cache, soft, temp)
+        self._scaled = S.scale_logits(logits, temp)
+        return self._scaled
 
     def decode(self, canvas: torch.LongTensor, self_cond: torch.Tensor | None) -> torch.Tensor:
         kwargs: dict[str, Any] = {"cache": self.cache} if self._decode_cache else {}
@@ -239,7 +259,8 @@ def generate(
         self_cond = None
         stopper.reset()
         for step, temp in enumerate(temps, start=1):
-            z = S.scale_logits(model.decode(canvas, self_cond), temp)
+            scaled = getattr(model, "decode_scaled", None)
+            z = scaled(canvas, self_cond, temp) if scaled else S.scale_logits(model.decode(canvas, self_cond), temp)
             sampled = S.sample(z, generator)
             argmax = z.argmax(dim=-1)
             h = S.entropy(z)

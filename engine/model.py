@@ -144,25 +144,24 @@ class Block:
         top_w = top_w / top_w.sum(-1, keepdim=True)
         top_w = top_w * self.w(self.ffn_down_exps_scale).float()[top_i]
         u = self.norm(r, self.pre_ffw_norm_2)
-        out = torch.zeros_like(u)
         # group by expert: one sort, then each routed expert is dequantized once and runs on all of
-        # its tokens in a single matmul
+        # its tokens in a single matmul; results land in their (token, slot) row and are summed once
         flat = top_i.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=s.expert_count).tolist()
         token = order // s.expert_used_count
         weight = top_w.reshape(-1)[order]
+        slots = torch.empty(flat.shape[0], u.shape[1], dtype=u.dtype, device=u.device)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             rows, wt = token[start:start + n], weight[start:start + n]
-            start += n
             gate, up = self.m.weights.expert_gate_up(self.i, e, self.m.device, self.m.dtype)
             down = self.m.weights.expert(self.ffn_down_exps, e, self.m.device, self.m.dtype)
-            y = gelu_mlp(u[rows], gate, up, down) * wt[:, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-        return out
+            slots[order[start:start + n]] = (gelu_mlp(u[rows], gate, up, down) * wt[:, None]).to(u.dtype)
+            start += n
+        return slots.view(u.shape[0], s.expert_used_count, -1).sum(1)
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         dense = gelu_mlp(self.norm(h, self.ffn_norm), self.w(self.ffn_gate), self.w(self.ffn_up),
@@ -234,13 +233,38 @@ class DiffusionGemmaModel:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, tied head in vocab chunks (the full table is never dequantized at once),
         then the softcap 30*tanh(x/30) in fp32."""
+        return self._vocab_pass(h)[0]
+
+    def _vocab_pass(self, h: torch.Tensor, temperature: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [T, V]; with a temperature also the next step's soft embedding
+        softmax(logits / T) @ E * sqrt(H), accumulated with an online softmax from the same
+        dequantized chunks of E, so a denoising step reads the table once instead of twice."""
         x = rms_norm(h, self.w(self.output_norm), self.eps)
         out = torch.empty(x.shape[0], self.vocab, dtype=torch.float32, device=self.device)
+        cap = self.spec.final_logit_softcapping
+        soft = run_max = run_sum = None
+        if temperature is not None:
+            soft = torch.zeros(x.shape[0], self.spec.embedding_length, dtype=torch.float32, device=self.device)
+            run_max = torch.full((x.shape[0], 1), -torch.inf, device=self.device)
+            run_sum = torch.zeros(x.shape[0], 1, device=self.device)
         for s in range(0, self.vocab, self.vocab_chunk):
             e = min(s + self.vocab_chunk, self.vocab)
-            out[:, s:e] = (x @ self.weights.row_range(self.token_embd, s, e, self.device, self.dtype).T).float()
-        cap = self.spec.final_logit_softcapping
-        return torch.tanh(out / cap) * cap
+            table = self.weights.row_range(self.token_embd, s, e, self.device, self.dtype)
+            chunk = out[:, s:e]
+            chunk.copy_(x @ table.T)
+            torch.tanh(chunk.div_(cap), out=chunk).mul_(cap)
+            if temperature is not None:
+                z = chunk / torch.tensor(temperature, dtype=torch.float32, device=self.device)
+                new_max = torch.maximum(run_max, z.amax(-1, keepdim=True))
+                rescale = torch.exp(run_max - new_max)
+                p = torch.exp(z - new_max)
+                run_sum = run_sum * rescale + p.sum(-1, keepdim=True)
+                soft = soft * rescale + (p.to(self.dtype) @ table).float()
+                run_max = new_max
+        if soft is not None:
+            soft = (soft / run_sum).to(self.dtype) * self.embed_scale()
+        return out, soft
 
     def soft_embedding(self, prev_logits: torch.Tensor) -> torch.Tensor:
         """softmax(prev logits) @ E * sqrt(H): the expected embedding under the previous step."""
@@ -251,10 +275,12 @@ class DiffusionGemmaModel:
             acc += p[:, s:e] @ self.weights.row_range(self.token_embd, s, e, self.device, self.dtype)
         return acc * self.embed_scale()
 
-    def decoder_input(self, canvas: torch.Tensor, self_cond_logits: torch.Tensor | None) -> torch.Tensor:
+    def decoder_input(self, canvas: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        """Scaled canvas embedding plus the self-conditioning MLP of the soft embedding `soft`
+        (None on a canvas's first step), then the no-scale norm."""
         e = self.embed(canvas)
-        if self_cond_logits is not None:
-            s = rms_norm(self.soft_embedding(self_cond_logits), self.w(self.self_cond_norm), self.eps)
+        if soft is not None:
+            s = rms_norm(soft, self.w(self.self_cond_norm), self.eps)
             e = e + gelu_mlp(s, self.w(self.self_cond_gate), self.w(self.self_cond_up), self.w(self.self_cond_down))
         # with no previous logits the MLP sees zeros and returns exactly zero, so it is skipped;
         # the outer no-scale norm always applies to the canvas (never to encoder input)
@@ -285,12 +311,26 @@ class DiffusionGemmaModel:
                start_pos: int | None = None) -> torch.Tensor:
         """Canvas logits [C, V] fp32. The canvas sits at positions start_pos.. (default: right after
         the cached context) and sees every cached key of each layer plus the whole canvas."""
+        soft = None if self_cond_logits is None else self.soft_embedding(self_cond_logits)
+        return self._decode(canvas, cache, soft, start_pos, None)[0]
+
+    @torch.no_grad()
+    def decode_step(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One denoising step: logits [C, V] and the soft embedding the next step feeds back
+        (softmax(logits / temperature) @ E * sqrt(H)), from one pass over the embedding table."""
+        logits, soft_next = self._decode(canvas, cache, soft, None, temperature)
+        assert soft_next is not None
+        return logits, soft_next
+
+    def _decode(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None, start_pos: int | None,
+                temperature: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         canvas = canvas.reshape(-1).to(self.device)
         start = cache.length if start_pos is None else start_pos
-        h = self.decoder_input(canvas, self_cond_logits)
+        h = self.decoder_input(canvas, soft)
         for blk in self.blocks:
             h = blk.forward(h, start, cache, encoder=False)
-        return self.logits(h)
+        return self._vocab_pass(h, temperature)
 
 
 __all__ = ["DiffusionGemmaModel", "KVCache", "rms_norm"]

@@ -171,3 +171,25 @@ def test_not_a_gguf(tmp_path):
     bad = tmp_path / "junk.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 40)
     one_line_error(invoke("run", bad, "hi"), "junk.gguf")
+
+
+def test_fused_step_equals_separate_passes(tiny_gguf):
+    """decode_step reads the embedding table once for the logits and the next step's soft embedding;
+    it must compute what decode + soft_embedding compute, and generation must not change."""
+    from engine import sampler as S
+    from engine.generate import ModelRunner, generate
+
+    m = DiffusionGemmaModel(tiny_gguf, vocab_chunk=100)  # several chunks: the online softmax matters
+    cache = m.new_cache()
+    m.encode(torch.tensor([2, 105, 30, 31, 106]), cache)
+    canvas = torch.randint(0, m.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
+    logits, soft = m.decode_step(canvas, cache, None, 0.7)
+    torch.testing.assert_close(logits, m.decode(canvas, cache), rtol=0, atol=0)
+    torch.testing.assert_close(soft, m.soft_embedding(S.scale_logits(logits, 0.7)), rtol=1e-5, atol=1e-6)
+
+    class Unfused(ModelRunner):
+        decode_scaled = None
+
+    runs = [generate(R(m), torch.tensor([2, 105, 30, 31, 106]), max_new_tokens=40, steps=6, eos_ids=(1,),
+                     pad_id=0, generator=torch.Generator().manual_seed(4)).tokens for R in (ModelRunner, Unfused)]
+    assert torch.equal(runs[0], runs[1])
