@@ -5,16 +5,13 @@ operand and receives a freshly dequantized tensor; MoE experts are fetched one e
 time, and embedding rows one row set at a time, so a quantized 3-D expert tensor or the 262k-row
 embedding is never turned into float32 as a whole.
 
-The dequantizers are torch ports of gguf-py's numpy kernels (gguf.quants), written so that every
-float operation happens in the same order: the results are bit-identical, which lets the tests
-compare them bit for bit instead of with a tolerance. `DEQUANTIZERS` is the registry that later
-quant types (K-quants) extend.
+The dequantizers are the torch fast path beside the NumPy quantizers
+(gguf_tools/quants/torch_dequant.py), bit-identical with gguf-py's numpy kernels for every number.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,99 +21,11 @@ from gguf import GGMLQuantizationType as Q
 
 from gguf_tools.arch import ArchSpec
 from gguf_tools.names import ENC_SCALE, ROPE_FREQS, expected_tensors
+from gguf_tools.quants.torch_dequant import TORCH_DEQUANTIZERS
 from gguf_tools.reader import GGUFFile, TensorInfo
 
 # blocks [n_blocks, type_size] uint8 -> float32 [n_blocks, block_size]
-Dequantizer = Callable[[torch.Tensor], torch.Tensor]
-DEQUANTIZERS: dict[Q, Dequantizer] = {}
-
-
-def register(qtype: Q) -> Callable[[Dequantizer], Dequantizer]:
-    def deco(fn: Dequantizer) -> Dequantizer:
-        DEQUANTIZERS[qtype] = fn
-        return fn
-    return deco
-
-
-def _half_to_float(b: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 2k] holding float16 values -> float32 [..., k]; equal to numpy's astype for every
-    non-NaN value. (NaN payloads are not preserved: a GGUF with NaN weights is refused at conversion
-    and validation, and rebuilding payloads cost five extra passes over every F16 weight.)"""
-    return b.view(torch.float16).to(torch.float32)
-
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """The fp16 scale at the start of a block row -> float32 column."""
-    return _half_to_float(b.contiguous())
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    # ggml packs element j in the low nibble of byte j and element j+16 in its high nibble
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-
-
-def _high_bits(qh: torch.Tensor) -> torch.Tensor:
-    """The 32 fifth bits of a Q5 block, from its 4-byte little-endian qh word: bit j -> element j."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
-    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], 32)
-
-
-def _scale_add_min(dq: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """numpy's `(d * q) + m`: finite values round identically (the product is exact in float32)."""
-    return dq + m
-
-
-@register(Q.F32)
-def _deq_f32(b: torch.Tensor) -> torch.Tensor:
-    return b.view(torch.float32)
-
-
-@register(Q.F16)
-def _deq_f16(b: torch.Tensor) -> torch.Tensor:
-    return _half_to_float(b)
-
-
-@register(Q.BF16)
-def _deq_bf16(b: torch.Tensor) -> torch.Tensor:
-    # same bit trick as gguf-py (int16 -> int32 << 16), so NaN payloads survive unchanged
-    return (b.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
-
-
-@register(Q.Q8_0)
-def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    # widen the strided int8 quants straight into the output, then scale in place: one pass fewer
-    # than q.to(float32) * d, which matters because experts are dequantized on every step
-    out = torch.empty(b.shape[0], 32, dtype=torch.float32, device=b.device)
-    out.copy_(b[:, 2:].view(torch.int8))
-    return out.mul_(_f16(b[:, :2]))
-
-
-@register(Q.Q4_0)
-def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    q = _nibbles(b[:, 2:]).to(torch.int8) - 8
-    return d * q.to(torch.float32)
-
-
-@register(Q.Q4_1)
-def _deq_q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = _nibbles(b[:, 4:]).to(torch.float32)
-    return _scale_add_min(d * q, m)
-
-
-@register(Q.Q5_0)
-def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    q = (_nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)).to(torch.int8) - 16
-    return d * q.to(torch.float32)
-
-
-@register(Q.Q5_1)
-def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = (_nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)).to(torch.float32)
-    return _scale_add_min(d * q, m)
+DEQUANTIZERS = TORCH_DEQUANTIZERS
 
 
 def dequantize(raw: torch.Tensor, qtype: Q) -> torch.Tensor:
@@ -271,4 +180,4 @@ class WeightStore:
         return f"blk.{layer}.layer_output_scale.weight"
 
 
-__all__ = ["DEQUANTIZERS", "WeightStore", "dequantize", "register"]
+__all__ = ["DEQUANTIZERS", "WeightStore", "dequantize"]
