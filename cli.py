@@ -37,18 +37,38 @@ def _echo_json(obj: object) -> None:
 
 @app.command()
 def quantize(
-    src: Path = typer.Argument(..., help="Checkpoint folder (config.json, tokenizer, *.safetensors)."),
+    src: Path = typer.Argument(..., help="Checkpoint folder (config.json, tokenizer, *.safetensors) or a .gguf "
+                                         "file (e.g. BF16) to requantize."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Output .gguf (default: <model>-<TYPE>.gguf)."),
     type_name: str = typer.Option(DEFAULT_TYPE, "--type", help="Tensor type or preset, as llama.cpp spells it."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan without reading any weight."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", metavar="REGEX=TYPE",
+                                          help="Type for tensors whose name matches REGEX; repeatable, first "
+                                               "match wins (as llama-quantize)."),
+    pure: bool = typer.Option(False, "--pure", help="No mixture: every quantized tensor gets the default type."),
+    imatrix: str | None = typer.Option(None, "--imatrix", metavar="FILE",
+                                       help="Importance matrix: llama.cpp GGUF imatrix or legacy .dat."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (type and rule per tensor, size) "
+                                                          "without reading any weight."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON."),
 ) -> None:
-    """Convert a DiffusionGemma checkpoint into one llama.cpp-layout GGUF file."""
+    """Convert a DiffusionGemma checkpoint (or requantize a GGUF) into one llama.cpp-layout GGUF file."""
     with _user_errors():
         from gguf_tools import convert as conv
+        from gguf_tools.presets import parse_override
+        from gguf_tools.requantize import plan_requantize, requantize
 
+        overrides = tuple(parse_override(t) for t in tensor_type)
+        im = None
+        if imatrix is not None:
+            from gguf_tools.imatrix import load_imatrix
+
+            im = load_imatrix(imatrix)
+        from_gguf = src.is_file()  # a file is a GGUF to requantize (its reader names what is wrong with it)
         if dry_run:
-            plan = conv.plan_conversion(src, type_name)
+            if from_gguf:
+                plan = plan_requantize(src, type_name, overrides, pure=pure, imatrix=im)[0]
+            else:
+                plan = conv.plan_conversion(src, type_name, overrides=overrides, pure=pure, imatrix=im)
             if as_json:
                 _echo_json(plan.to_json())
             else:
@@ -58,7 +78,11 @@ def quantize(
             return
         from gguf_tools.progress import RichReporter
 
-        path, plan = conv.convert(src, out, type_name, reporter=RichReporter())
+        if from_gguf:
+            path, plan = requantize(src, out, type_name, overrides, RichReporter(), pure=pure, imatrix=im)
+        else:
+            path, plan = conv.convert(src, out, type_name, overrides=overrides, reporter=RichReporter(), pure=pure,
+                                      imatrix=im)
         if plan.skipped:
             typer.echo(f"note: skipped {len(plan.skipped)} vision/tied tensors (text GGUF, as llama.cpp does)",
                        err=True)

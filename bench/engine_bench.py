@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--prepare-only", action="store_true", help="build and convert the model, time nothing")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dg-engine-bench-"))
     src = work / f"synthetic-{args.layers}L"
@@ -122,6 +123,8 @@ def main() -> None:
             if not out.is_file():
                 convert(src, out, type_name, arch=arch)
             files[arch, type_name] = out
+    if args.prepare_only:
+        return
     rows = []
     for type_name in ("F16", "Q8_0"):
         ours = run(OURS, files["diffusion-gemma", type_name], args.threads, args.prompt, args.reps)

@@ -15,6 +15,7 @@ from pathlib import Path
 from gguf_tools.convert import convert
 from gguf_tools.presets import DEFAULT_TYPE
 from gguf_tools.synthetic import tiny_config, write_checkpoint, write_tokenizer
+from gguf_tools.validate import GGUFError, validate_gguf
 
 NAME = "diffgemma-tiny-random-v1"
 SEED = 1234
@@ -26,12 +27,18 @@ def cache_dir() -> Path:
 
 
 def default_model_path() -> Path:
-    """The cached GGUF, built on first call. A crash midway leaves no file; the next call rebuilds."""
+    """The cached GGUF, built on first call. A crash midway leaves no GGUF (the converter writes a
+    temporary file and renames it); the next call removes what a killed build left and rebuilds."""
     out = cache_dir() / f"{NAME}-{DEFAULT_TYPE}.gguf"
     if out.is_file():
-        return out
+        try:
+            validate_gguf(out, check_model=False)  # a damaged cache (disk trouble, hand edits) is rebuilt
+            return out
+        except GGUFError:
+            out.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+    _remove_stale_builds(out.parent)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".build-{os.getpid()}-") as tmp:
         src = Path(tmp) / NAME
         cfg, gen = tiny_config()
         write_checkpoint(src, cfg, gen, seed=SEED)
@@ -39,3 +46,13 @@ def default_model_path() -> Path:
         convert(src, out, DEFAULT_TYPE)
         shutil.rmtree(src, ignore_errors=True)
     return out
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    """Build folders (`.build-{pid}-*`) of processes killed midway; a running build's is left alone."""
+    from gguf_tools.atomic import pid_alive
+
+    for d in folder.glob(".build-*"):
+        pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)

@@ -144,6 +144,9 @@ class Block:
         top_w = top_w / top_w.sum(-1, keepdim=True)
         top_w = top_w * self.w(self.ffn_down_exps_scale).float()[top_i]
         u = self.norm(r, self.pre_ffw_norm_2)
+        ex = self.m.expert_executor  # placement hook (engine/experts.py): experts kept in host RAM
+        if ex is not None and ex.offloaded(self.i):
+            return ex.moe(self.i, u, top_i, top_w)
         # group by expert: one sort, then each routed expert is dequantized once and runs on all of
         # its tokens in a single matmul; results land in their (token, slot) row and are summed once
         flat = top_i.reshape(-1)
@@ -203,6 +206,7 @@ class DiffusionGemmaModel:
         self.eps = self.spec.layer_norm_rms_epsilon
         self.vocab = self.weights.info("token_embd.weight").shape[0]
         self.blocks = [Block(self, i) for i in range(self.spec.block_count)]
+        self.expert_executor = None  # set by engine.experts.attach_plan when a plan offloads experts
         self.token_embd, self.output_norm = "token_embd.weight", "output_norm.weight"
         self.self_cond_norm = self.weights.self_cond_norm
         self.self_cond_gate, self.self_cond_up, self.self_cond_down = (

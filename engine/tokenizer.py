@@ -143,24 +143,30 @@ class GGUFTokenizer:
         if self._env is None:
             from jinja2 import TemplateError
             from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            from .template_guard import BoundedSandbox
 
             def raise_exception(message: str) -> None:
                 raise TemplateError(message)
 
             # the same switches and helpers transformers gives chat templates, so that released
             # templates render the same text; the sandbox keeps them away from Python internals
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
             env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._env = env
-        out = self._env.from_string(source).render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-            enable_thinking=think, tools=None, documents=None,
-            bos_token=self._text(self.bos_id, "<bos>"), eos_token=self._text(self.eos_id, "<eos>"))
+        from .template_guard import TemplateLimitError, render_limits
+
+        with render_limits():  # bounded time and memory: the template comes from the file
+            out = self._env.from_string(source).render(
+                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                enable_thinking=think, tools=None, documents=None,
+                bos_token=self._text(self.bos_id, "<bos>"), eos_token=self._text(self.eos_id, "<eos>"))
         if not isinstance(out, str):
             raise TypeError("template did not render to text")
+        if len(out) > 4 * sum(len(str(m.get("content", ""))) for m in messages) + (1 << 18):
+            raise TemplateLimitError(f"template rendered {len(out)} characters for a short conversation")
         return out
 
 

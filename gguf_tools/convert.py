@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,20 +17,36 @@ from typing import Any, Protocol
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType, GGUFWriter
-from gguf.quants import quantize as gguf_quantize
 from gguf.utility import size_label
 
 from .arch import ARCH, ArchSpec
+from .atomic import fsync_dir, partial_path, remove_stale_partials
+from .imatrix import USES_IMATRIX, Imatrix, load_imatrix, needs_imatrix_entry
 from .names import TensorEntry, expected_tensors, match_checkpoint
-from .presets import Preset, Rule, choose_type, load_preset, parse_type, tensor_bytes
+from .presets import (
+    FLOAT_TYPES,
+    ModelFacts,
+    Preset,
+    PresetError,
+    Rule,
+    choose_types,
+    keeps_f32,
+    load_preset,
+    n_dims,
+    parse_type,
+    tensor_bytes,
+)
 from .safetensors_io import Checkpoint, CheckpointError
 
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # float32 elements per chunk: 32 MiB of f32 working set
 DISK_MARGIN = 64 * 1024 * 1024
 QUANTIZATION_VERSION = 2
 
-_VTYPES = {"u32": GGUFValueType.UINT32, "i32": GGUFValueType.INT32, "f32": GGUFValueType.FLOAT32,
-           "bool": GGUFValueType.BOOL, "str": GGUFValueType.STRING}
+_VTYPES = {"u8": GGUFValueType.UINT8, "i8": GGUFValueType.INT8, "u16": GGUFValueType.UINT16,
+           "i16": GGUFValueType.INT16, "u32": GGUFValueType.UINT32, "i32": GGUFValueType.INT32,
+           "u64": GGUFValueType.UINT64, "i64": GGUFValueType.INT64, "f32": GGUFValueType.FLOAT32,
+           "f64": GGUFValueType.FLOAT64, "bool": GGUFValueType.BOOL, "str": GGUFValueType.STRING}
+FILE_TYPE, QUANT_VERSION = "general.file_type", "general.quantization_version"
 
 
 class ConversionError(RuntimeError):
@@ -50,6 +67,7 @@ class PlannedTensor:
     qtype: Q
     n_bytes: int
     rule: str
+    source_type: Q | None = None  # the type llama-quantize starts from (the converter's, or the input GGUF's)
 
 
 @dataclass
@@ -60,6 +78,19 @@ class ConversionPlan:
     tensors: list[PlannedTensor]
     kv: list[tuple[str, Any, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    imatrix: Imatrix | None = None
+    # "converter": keys as convert_hf_to_gguf writes them (F32/F16/BF16); "llama-quantize": the input's keys
+    # with general.quantization_version and general.file_type moved to the end, then the imatrix keys
+    layout: str = "converter"
+
+    def output_kv(self) -> list[tuple[str, Any, str]]:
+        """Every key/value pair of the output file after general.architecture, in file order."""
+        qv = (QUANT_VERSION, QUANTIZATION_VERSION, "u32")
+        if self.layout == "converter":
+            return [e for e in self.kv if e[0] != QUANT_VERSION] + [qv]
+        kv = [e for e in self.kv if e[0] not in (FILE_TYPE, QUANT_VERSION) and not e[0].startswith("split.")]
+        kv += [qv, (FILE_TYPE, self.preset.file_type, "u32")]
+        return kv + (self.imatrix.kv() if self.imatrix is not None else [])
 
     @property
     def total_bytes(self) -> int:
@@ -75,16 +106,49 @@ class ConversionPlan:
 
 
 def plan_conversion(src: Path, type_name: str = "BF16", arch: str = ARCH,
-                    overrides: tuple[Rule, ...] = (), spec: ArchSpec | None = None) -> ConversionPlan:
+                    overrides: tuple[Rule, ...] = (), spec: ArchSpec | None = None, *, pure: bool = False,
+                    imatrix: Imatrix | Path | str | None = None) -> ConversionPlan:
+    """Types as llama-quantize would choose them for the converted (BF16) file of this checkpoint."""
     spec = spec or ArchSpec.from_hf_dir(src)
     preset = load_preset(type_name)
-    tensors = []
-    for e in expected_tensors(spec, arch):
-        qtype, rule = choose_type(e.name, e.shape, preset, overrides)
-        tensors.append(PlannedTensor(e.name, e.source, e.shape, qtype, tensor_bytes(qtype, e.shape), rule))
-    plan = ConversionPlan(spec, arch, preset, tensors)
-    plan.kv = _general_kv(plan) + spec.gguf_kv(arch) + [("general.file_type", preset.file_type, "u32")]
+    imatrix = _as_imatrix(imatrix)
+    entries = expected_tensors(spec, arch)
+    facts = ModelFacts.from_tensors([e.name for e in entries], n_expert=spec.expert_count,
+                                    n_layer=spec.block_count, n_head=spec.head_count,
+                                    n_head_kv0=spec.layer(0).n_kv_head, has_imatrix=imatrix is not None)
+    # what the converter writes for tensors llama-quantize never quantizes
+    sources = [(e.name, e.shape, Q.F32 if keeps_f32(e.name, e.shape) else Q.BF16) for e in entries]
+    choices = choose_types(sources, preset, facts, tuple(overrides), pure)
+    tensors = [PlannedTensor(e.name, e.source, e.shape, q, tensor_bytes(q, e.shape), rule, src)
+               for e, (_, _, src), (q, rule) in zip(entries, sources, choices)]
+    plan = ConversionPlan(spec, arch, preset, tensors, imatrix=imatrix,
+                          layout="converter" if preset.is_float else "llama-quantize")
+    plan.kv = _general_kv(plan) + spec.gguf_kv(arch) + [(FILE_TYPE, preset.file_type, "u32")]
+    check_imatrix(plan)
     return plan
+
+
+def _as_imatrix(imatrix: Imatrix | Path | str | None) -> Imatrix | None:
+    if imatrix is None or isinstance(imatrix, Imatrix):
+        return imatrix
+    return load_imatrix(imatrix)
+
+
+def check_imatrix(plan: ConversionPlan) -> None:
+    """Entries must have the right size for every tensor that is quantized (as in llama-quantize), and every
+    blk.* tensor quantized to a type that uses an importance matrix must have one (llama-quantize would
+    quietly quantize it without)."""
+    if plan.imatrix is None:
+        return
+    if plan.preset.is_float:
+        raise PresetError(f"--imatrix needs a quantized type, not {plan.preset.name}")
+    for t in plan.tensors:
+        if t.qtype == t.source_type:  # copied, not quantized
+            continue
+        entry = plan.imatrix.lookup(t.name, t.shape)
+        if entry is None and t.qtype in USES_IMATRIX and needs_imatrix_entry(t.name):
+            raise ConversionError(f"imatrix {plan.imatrix.path} has no entry for tensor {t.name} "
+                                  f"({t.qtype.name} uses one)")
 
 
 def _general_kv(plan: ConversionPlan) -> list[tuple[str, Any, str]]:
@@ -107,7 +171,8 @@ def default_output(src: Path, type_name: str) -> Path:
 
 
 def prepare(src: Path, type_name: str = "BF16", arch: str = ARCH,
-            overrides: tuple[Rule, ...] = ()) -> tuple[ConversionPlan, Checkpoint]:
+            overrides: tuple[Rule, ...] = (), *, pure: bool = False,
+            imatrix: Imatrix | Path | str | None = None) -> tuple[ConversionPlan, Checkpoint]:
     """Plan against the real checkpoint: tokenizer, shards, names, shapes and dtypes all checked."""
     from .tokenizer_meta import tokenizer_kv
 
@@ -123,7 +188,8 @@ def prepare(src: Path, type_name: str = "BF16", arch: str = ARCH,
         raise ConversionError(str(e)) from None
     _check_shapes(entries, ckpt)
     # llama.cpp's Gemma converters drop embedding rows that have no token
-    plan = plan_conversion(src, type_name, arch, overrides, spec.with_(vocab_size=len(tokens)))
+    plan = plan_conversion(src, type_name, arch, overrides, spec.with_(vocab_size=len(tokens)), pure=pure,
+                           imatrix=imatrix)
     plan.kv += tok_kv
     plan.skipped = skipped
     return plan, ckpt
@@ -139,19 +205,28 @@ def _check_shapes(entries: list[TensorEntry], ckpt: Checkpoint) -> None:
 
 
 def convert(src: Path, out: Path | None = None, type_name: str = "BF16", arch: str = ARCH,
-            overrides: tuple[Rule, ...] = (), reporter: Reporter | None = None) -> tuple[Path, ConversionPlan]:
+            overrides: tuple[Rule, ...] = (), reporter: Reporter | None = None, *, pure: bool = False,
+            imatrix: Imatrix | Path | str | None = None) -> tuple[Path, ConversionPlan]:
     src = Path(src)
-    plan, ckpt = prepare(src, type_name, arch, overrides)
+    plan, ckpt = prepare(src, type_name, arch, overrides, pure=pure, imatrix=imatrix)
     out = Path(out) if out is not None else default_output(src, type_name)
+    write_atomically(plan, out, lambda t: _tensor_chunks(plan, ckpt, t), reporter)
+    return out, plan
+
+
+def write_atomically(plan: ConversionPlan, out: Path, chunks: Callable[[PlannedTensor], Iterable[np.ndarray]],
+                     reporter: Reporter | None = None) -> None:
+    """Check the target, write `plan` to a temporary file beside it, rename it only on success."""
+    remove_stale_partials(out)  # left by a killed run (SIGKILL): dead pid, never a running conversion's
     check_writable(out, plan.total_bytes)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    tmp = partial_path(out)
     try:
-        _write(plan, ckpt, tmp, reporter)
+        write_plan(plan, tmp, chunks, reporter)  # fsyncs the data before closing
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return out, plan
+    fsync_dir(out.parent)  # the rename itself survives a power cut
 
 
 def check_writable(out: Path, planned: int) -> None:
@@ -172,12 +247,20 @@ def _gib(n: int) -> str:
 
 
 def _write(plan: ConversionPlan, ckpt: Checkpoint, path: Path, reporter: Reporter | None) -> None:
+    write_plan(plan, path, lambda t: _tensor_chunks(plan, ckpt, t), reporter)
+
+
+def write_plan(plan: ConversionPlan, path: Path, chunks: Callable[[PlannedTensor], Iterable[np.ndarray]],
+               reporter: Reporter | None) -> None:
     w = GGUFWriter(path, plan.arch)
-    for key, value, vtype in plan.kv:
+    kv = plan.output_kv()
+    if any(k == "general.architecture" for k, _, _ in kv):
+        w.kv_data[0].clear()  # keep the input's key order (requantize)
+    for key, value, vtype in kv:
         _add_kv(w, key, value, vtype)
-    _add_kv(w, "general.quantization_version", QUANTIZATION_VERSION, "u32")
     for t in plan.tensors:
-        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.n_bytes, raw_dtype=t.qtype)
+        shape = t.shape[len(t.shape) - n_dims(t.shape):]  # ggml_n_dims: no leading 1s in NumPy order
+        w.add_tensor_info(t.name, shape, np.dtype(np.float32), t.n_bytes, raw_dtype=t.qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -190,7 +273,7 @@ def _write(plan: ConversionPlan, ckpt: Checkpoint, path: Path, reporter: Reporte
         for t in plan.tensors:
             w.write_padding(fout, fout.tell())
             written = 0
-            for chunk in _tensor_chunks(plan, ckpt, t):
+            for chunk in chunks(t):
                 chunk.tofile(fout)
                 written += chunk.nbytes
             if written != t.n_bytes:
@@ -222,11 +305,8 @@ def _tensor_chunks(plan: ConversionPlan, ckpt: Checkpoint, t: PlannedTensor):
         yield np.asarray(plan.spec.rope_freqs(), dtype=np.float32)
         return
     stored = ckpt.tensors[t.source]
-    row_len = t.shape[-1]
-    n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))  # may be fewer than stored (trimmed vocab)
-    step = max(1, CHUNK_ELEMENTS // row_len)
-    for start in range(0, n_rows, step):
-        stop = min(n_rows, start + step)
+    imatrix = tensor_imatrix(plan, t)
+    for start, stop, im in row_chunks(t.shape, imatrix):
         if t.qtype == Q.BF16 and stored.dtype == "BF16":
             raw = ckpt.read_raw_rows(t.source, start, stop)
             if ((raw & 0x7F80) == 0x7F80).any():
@@ -236,10 +316,33 @@ def _tensor_chunks(plan: ConversionPlan, ckpt: Checkpoint, t: PlannedTensor):
         rows = ckpt.read_rows(t.source, start, stop)
         if not np.isfinite(rows).all():
             raise ConversionError(f"tensor {t.source} contains NaN or Inf")
-        yield encode_rows(rows, t.qtype, t.source)
+        yield encode_rows(rows, t.qtype, t.source) if im is None else encode_rows(rows, t.qtype, t.source, im)
 
 
-def encode_rows(rows: np.ndarray, qtype: Q, what: str = "tensor") -> np.ndarray:
+def tensor_imatrix(plan: ConversionPlan, t: PlannedTensor) -> np.ndarray | None:
+    """The importance values for tensor t: (ne0,), (n_expert, ne0) for 3-D experts, or None."""
+    if plan.imatrix is None or t.qtype in FLOAT_TYPES:
+        return None
+    return plan.imatrix.lookup(t.name, t.shape)
+
+
+def row_chunks(shape: tuple[int, ...], imatrix: np.ndarray | None):
+    """(first row, end row, imatrix for these rows) of at most CHUNK_ELEMENTS values; with a per-expert
+    imatrix a chunk never crosses an expert (llama_tensor_quantize_impl)."""
+    row_len = shape[-1]
+    n_rows = int(np.prod(shape[:-1], dtype=np.int64))  # may be fewer than stored (trimmed vocab)
+    per_expert = shape[-2] if imatrix is not None and imatrix.ndim == 2 else n_rows
+    step = max(1, CHUNK_ELEMENTS // row_len)
+    start = 0
+    while start < n_rows:
+        expert = start // per_expert if per_expert else 0
+        stop = min(n_rows, start + step, (expert + 1) * per_expert)
+        im = None if imatrix is None else (imatrix[expert] if imatrix.ndim == 2 else imatrix)
+        yield start, stop, im
+        start = stop
+
+
+def encode_rows(rows: np.ndarray, qtype: Q, what: str = "tensor", imatrix: np.ndarray | None = None) -> np.ndarray:
     if qtype == Q.F32:
         return rows
     if qtype == Q.F16:
@@ -247,7 +350,9 @@ def encode_rows(rows: np.ndarray, qtype: Q, what: str = "tensor") -> np.ndarray:
         if not np.isfinite(half).all():
             raise ConversionError(f"{what} has values outside the F16 range; use BF16 or a quantized type")
         return half
-    return gguf_quantize(rows, qtype)
+    from .quants import quantize
+
+    return quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype, imatrix)
 
 
 __all__ = ["ConversionError", "ConversionPlan", "CheckpointError", "convert", "plan_conversion", "prepare",

@@ -67,13 +67,13 @@ def test_quantize_writes_default_name_beside_the_input(ckpt):
 def test_dry_run_reads_no_weights(tmp_path, reference_config):
     cfg_only = tmp_path / "cfg"
     shutil.copytree(reference_config, cfg_only)
-    result = run("quantize", cfg_only, "--dry-run", "--json")
+    result = run("quantize", cfg_only, "--dry-run", "--json", "--type", "BF16")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert len(plan["tensors"]) == 692
     assert set(plan["tensors"][0]) == {"name", "shape", "type", "bytes", "rule"}
     assert plan["total_bytes"] == sum(t["bytes"] for t in plan["tensors"])
-    table = run("quantize", cfg_only, "--dry-run")
+    table = run("quantize", cfg_only, "--dry-run", "--type", "BF16")
     assert table.exit_code == 0 and "692 tensors" in table.stdout and "47.06 GiB" in table.stdout
     assert no_outputs(tmp_path)
 

@@ -65,7 +65,9 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
     """Quantize float32 `data` (last axis = rows) like ggml_quantize_chunk.
 
     imatrix: (row_len,) for all rows, or (*data.shape[:-2], row_len) for one slice per leading index, e.g. per
-    expert of a 3-D MoE tensor (llama-quantize hands each expert its own slice)."""
+    expert of a 3-D MoE tensor (llama-quantize hands each expert its own slice).
+    Finite data, +-inf, sub-normals and signed zeros reproduce ggml exactly; rows containing NaN are not
+    guaranteed to (ggml's own result then depends on where the NaN sits in its running comparisons)."""
     qtype = GGMLQuantizationType(qtype)
     fn = REGISTRY.get(qtype)
     if fn is None:

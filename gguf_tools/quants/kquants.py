@@ -12,6 +12,7 @@ import numpy as np
 from gguf_tools.quants.kquants_common import (
     F32,
     GROUP_MAX_EPS,
+    LIMIT,
     ZERO,
     first_abs_max,
     fp16_round,
@@ -27,7 +28,7 @@ from gguf_tools.quants.kquants_common import (
 
 QK_K = 256
 # super-blocks per vectorised batch: big enough to amortise NumPy's per-call cost over the in-block loops
-CHUNK_BLOCKS = {"Q2_K": 2048, "Q3_K": 2048, "Q4_K": 2048, "Q5_K": 2048, "Q6_K": 2048}
+CHUNK_BLOCKS = {"Q2_K": 1024, "Q3_K": 2048, "Q4_K": 1024, "Q5_K": 2048, "Q6_K": 1024}
 
 
 def _pos(a: np.ndarray, p: int) -> np.ndarray:
@@ -43,7 +44,7 @@ def _blocks(L: np.ndarray, cb: int) -> np.ndarray:
 def _superblock_sigma2(xc: np.ndarray, factor: int) -> np.ndarray:
     """factor*sum(x^2)/QK_K over each super-block, summed left to right as the *_impl functions do."""
     sumx2 = seqsum(np.ascontiguousarray((xc * xc).T))
-    return F32(factor) * sumx2 / F32(QK_K) if factor != 1 else sumx2 / F32(QK_K)
+    return F32(factor) * sumx2 / F32(QK_K)  # 1*s is exact, so Q2_K's plain sumx2/QK_K is covered
 
 
 def _impl_weights(xc: np.ndarray, qwc: np.ndarray, factor: int, p: int) -> np.ndarray:
@@ -52,12 +53,23 @@ def _impl_weights(xc: np.ndarray, qwc: np.ndarray, factor: int, p: int) -> np.nd
     return _pos(qwc * np.sqrt(sigma2[:, None] + xc * xc), p)
 
 
-def _requant(x, d, off, lo, hi, L):
-    """Re-pick levels with the stored (fp16-rounded) sub-scales: nearest_int((x + off)/d) clamped, for every
-    sub-block whose d is non-zero (`if (!d) continue;` keeps the search's levels otherwise). x, L: (p, S)."""
-    q = nint((x + off) / d if off is not None else x / d)
-    np.clip(q, lo, hi, out=q)
-    return np.where(d != 0, q, L)
+def _requant(x, d, off, lo, hi, L, base=0):
+    """Re-pick levels with the stored (fp16-rounded) sub-scales: nearest_int((x + off)/d) clamped to [lo, hi],
+    plus `base`, as uint8 (p, S). Sub-blocks with d == 0 keep the search's levels L (already offset by base):
+    `if (!d) continue;`. rint stands in for nearest_int unless some |t| reaches 2^22 (or is inf/NaN)."""
+    t = np.add(x, off) if off is not None else x.copy()
+    np.divide(t, d, out=t)
+    if np.abs(t).max() < LIMIT:
+        np.rint(t, out=t)
+        np.clip(t, F32(lo), F32(hi), out=t)
+        t += F32(base)
+        q = t.astype(np.uint8)
+    else:
+        q = (np.clip(nint(t), lo, hi) + base).astype(np.uint8)
+    skip = np.flatnonzero(d.ravel() == 0)
+    if skip.size:
+        q[:, skip] = L[:, skip]
+    return q
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -122,10 +134,10 @@ def _q2_k(xc: np.ndarray, qwc: np.ndarray | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------ Q3_K
 # Q3_K block (110 B): hmask[32] (bit j//32 of byte j%32 = high bit) | qs[64] low 2 bits | scales[12] 6-bit+32 | d
-def _pack_q3_scales(l: np.ndarray) -> np.ndarray:
-    out = np.empty((l.shape[0], 12), np.int32)
-    out[:, :8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
-    hi = (l >> 4).reshape(-1, 4, 4)
+def _pack_q3_scales(ls: np.ndarray) -> np.ndarray:
+    out = np.empty((ls.shape[0], 12), np.int32)
+    out[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    hi = (ls >> 4).reshape(-1, 4, 4)
     out[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
     return (out & 0xFF).astype(np.uint8)
 
@@ -139,8 +151,8 @@ def _q3_k(xc: np.ndarray, qwc: np.ndarray | None) -> np.ndarray:
         _, max_scale = first_abs_max(sc)
         nz = max_scale != 0
         iscale = np.where(nz, F32(-32) / np.where(nz, max_scale, F32(1)), ZERO)
-        l = np.clip(nint(iscale[:, None] * sc).astype(np.int8).astype(np.int32), -32, 31) + 32
-        l = np.where(nz[:, None], l, 0)  # memset(scales, 0) when max_scale == 0
+        ls = np.clip(nint(iscale[:, None] * sc).astype(np.int8).astype(np.int32), -32, 31) + 32
+        ls = np.where(nz[:, None], ls, 0)  # memset(scales, 0) when max_scale == 0
         d16, d = fp16_round(np.where(nz, F32(1) / iscale, ZERO))
     else:  # quantize_row_q3_K_impl: weighted make_qx_quants per 16 and again over the 16 scales
         w = _impl_weights(xc, qwc, 2, 16)
@@ -148,21 +160,20 @@ def _q3_k(xc: np.ndarray, qwc: np.ndarray | None) -> np.ndarray:
         sc, L = make_qx_quants(x, 4, w)
         sc = np.ascontiguousarray(sc.reshape(cb, 16))
         d_block, Ls = make_qx_quants(np.ascontiguousarray(sc.T), 32, np.ascontiguousarray(sw.T))
-        l = Ls.T
+        ls = Ls.T
         d16, d = fp16_round(d_block)
-    dsub = (d[:, None] * (l - 32).astype(F32)).reshape(1, -1)
-    L = _blocks(_requant(x, dsub, None, -4, 3, L - 4) + 4, cb)
-    high = L > 3
-    hm = high.reshape(cb, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
+    dsub = (d[:, None] * (ls - 32).astype(F32)).reshape(1, -1)
+    L = _blocks(_requant(x, dsub, None, -4, 3, L, 4), cb)  # 0..7; bit 2 is the hmask bit
+    hm = (L >> 2).reshape(cb, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
     hmask = np.bitwise_or.reduce(hm, axis=1)
-    L = np.where(high, L - 4, L)
-    return np.concatenate([hmask, _pack_2bit(L), _pack_q3_scales(l), _fp16_bytes(d16)], axis=1)
+    L &= 3
+    return np.concatenate([hmask, _pack_2bit(L), _pack_q3_scales(ls), _fp16_bytes(d16)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------------ Q4_K / Q5_K
 def _qk_scale_min(xc, qwc, nmax: int, ref_args: tuple, clamp_impl: bool):
-    """Shared front half of Q4_K/Q5_K (ref or impl): returns position-major x, levels after re-quantization
-    (cb, 256), the packed 12 scale bytes and d/dmin as fp16."""
+    """Shared front half of Q4_K/Q5_K (ref or impl): returns the levels after re-quantization (cb, 256) uint8,
+    the packed 12 scale bytes and d/dmin as fp16."""
     cb = xc.shape[0]
     x = _pos(xc, 32)
     if qwc is None:  # quantize_row_q{4,5}_K_ref: weights sqrt(mean x^2 of the 32) + |x|
@@ -229,10 +240,11 @@ def _q6_k(xc: np.ndarray, qwc: np.ndarray | None) -> np.ndarray:
     d16, d = fp16_round(F32(1) / iscale)
     scales = np.minimum(nint(iscale[:, None] * sc), 127).astype(np.int8)
     dsub = (d[:, None] * scales.astype(F32)).reshape(1, -1)
-    L = _blocks(_requant(x, dsub, None, -32, 31, L - 32) + 32, cb).astype(np.uint8)
+    L = _blocks(_requant(x, dsub, None, -32, 31, L, 32), cb)
     q = L.reshape(cb, 2, 4, 32)
-    ql = np.concatenate([q[:, :, 0] & 0xF | ((q[:, :, 2] & 0xF) << 4),
-                         q[:, :, 1] & 0xF | ((q[:, :, 3] & 0xF) << 4)], axis=2).reshape(cb, 128)
+    ql = np.concatenate(
+        [q[:, :, 0] & 0xF | ((q[:, :, 2] & 0xF) << 4), q[:, :, 1] & 0xF | ((q[:, :, 3] & 0xF) << 4)], axis=2
+    ).reshape(cb, 128)
     h = q >> 4
     qh = (h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)).reshape(cb, 64)
     out = np.concatenate([ql, qh, scales.view(np.uint8), _fp16_bytes(d16)], axis=1)
@@ -240,8 +252,13 @@ def _q6_k(xc: np.ndarray, qwc: np.ndarray | None) -> np.ndarray:
     return out
 
 
-_BLOCK_FNS = {"Q2_K": (_q2_k, 84), "Q3_K": (_q3_k, 110), "Q4_K": (_q4_k, 144), "Q5_K": (_q5_k, 176),
-              "Q6_K": (_q6_k, 210)}
+_BLOCK_FNS = {
+    "Q2_K": (_q2_k, 84),
+    "Q3_K": (_q3_k, 110),
+    "Q4_K": (_q4_k, 144),
+    "Q5_K": (_q5_k, 176),
+    "Q6_K": (_q6_k, 210),
+}
 
 
 def _make(name: str):
@@ -251,11 +268,8 @@ def _make(name: str):
         """rows: float32 (n, row_len), row_len % 256 == 0 -> uint8 (n, row_len/256*block_bytes)."""
         n, k = rows.shape
         x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, QK_K)
-        qw = None
-        if imatrix is not None:
-            # quant_weights is indexed per row: super-block i of every row uses imatrix[256*i : 256*(i+1)]
-            qw = np.broadcast_to(np.asarray(imatrix, F32).reshape(1, k // QK_K, QK_K), (n, k // QK_K, QK_K))
-            qw = qw.reshape(-1, QK_K)
+        # quant_weights is indexed within the row: super-block i of every row uses imatrix[256*i : 256*(i+1)]
+        qw = None if imatrix is None else np.asarray(imatrix, F32).reshape(k // QK_K, QK_K)
         return run_blocks(x, qw, fn, nbytes, CHUNK_BLOCKS[name]).reshape(n, -1)
 
     quantize_rows.__name__ = f"quantize_{name.lower()}"

@@ -115,11 +115,19 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     buf = np.empty_like(x)
     lbuf = np.empty_like(x)
 
-    def trial(iscale):
-        # |iscale*x| <= nmax+1 here, so rint is nearest_int; l stays float for the weighted sums.
+    finite = bool(np.isfinite(x).all())  # scales handed in by Q3_K's impl can be inf/NaN
+
+    def levels(iscale):
+        # |iscale*x| <= nmax+1 for finite x, so rint is nearest_int; l stays float for the weighted sums.
         np.multiply(x, iscale, out=lbuf)
-        np.rint(lbuf, out=lbuf)
-        np.clip(lbuf, -nm, nm - 1, out=lbuf)
+        if finite:
+            np.rint(lbuf, out=lbuf)
+            return np.clip(lbuf, -nm, nm - 1, out=lbuf)
+        lbuf[...] = np.clip(nint(lbuf), -nmax, nmax - 1)
+        return lbuf
+
+    def trial(iscale):
+        levels(iscale)
         sumlx = seqsum(np.multiply(wx, lbuf, out=buf))
         np.multiply(w, lbuf, out=buf)
         suml2 = seqsum(np.multiply(buf, lbuf, out=buf))
@@ -141,8 +149,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
             best[k] = scale[k] * sumlx[k]
             best_is[k] = isc[k]
     # C rebuilds L from the winning iscale, so recomputing it once at the end gives the same levels.
-    np.multiply(x, best_is, out=lbuf)
-    L = np.clip(np.rint(lbuf), -nm, nm - 1).astype(np.int32) + nmax
+    L = levels(best_is).astype(np.int32) + nmax
     L[:, zero] = 0
     scale = np.where(zero, ZERO, scale)
     return scale, L
@@ -216,7 +223,8 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     mx = np.where(zero, F32(1), mx)
     nm = F32(nmax)
     iscale = -nm / mx
-    L = np.clip(np.rint(x * iscale), -nm, nm - 1)
+    L = x * iscale
+    L = np.clip(np.rint(L), -nm, nm - 1) if np.isfinite(L).all() else np.clip(nint(L), -nmax, nmax - 1).astype(F32)
     w = x * x
     wx = w * x
     wxL, wLL = wx * L, w * L * L
@@ -229,8 +237,9 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ make_qkx2_quants / make_qkx3_quants
-def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                    nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_qkx_quants(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Port of make_qkx2_quants (and make_qkx3_quants with explicit weights, which only differs in `max <= min`,
     the same test for non-NaN data since min <= max). Returns (scale (S,), the_min (S,), L (P, S) int32)."""
     mn, mx = min_max_pm(x)
@@ -257,8 +266,8 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
         lb[...] = np.clip(nint(lb), 0, nmax)
         return lb
 
-    def error(sc, m, l):
-        d = np.multiply(l, sc, out=buf)
+    def error(sc, m, lev):
+        d = np.multiply(lev, sc, out=buf)
         np.add(d, m, out=d)
         np.subtract(d, x, out=d)
         if use_mad:
@@ -275,18 +284,24 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
         isc = (F32(rmin) + F32(rdelta) * F32(step) + nm) / (mx - cur_min)
         if any_flat:
             isc[flat] = 0  # flat groups never take a trial; keep them off the exact path
-        l = levels(isc, cur_min)
-        wl = w * l
+        lev = levels(isc, cur_min)
+        wl = w * lev
         sum_l = seqsum(wl)
-        sum_l2 = seqsum(np.multiply(wl, l, out=buf))
+        sum_l2 = seqsum(np.multiply(wl, lev, out=buf))
         sum_xl = seqsum(np.multiply(wl, x, out=buf))
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         update(this_min > 0, (this_min, np.zeros_like(this_min)), (this_scale, sum_xl / sum_l2))
-        err = error(this_scale, this_min, l)
-        update((D > 0) & (err < best) & live, (best, err), (scale, this_scale), (best_is, isc),
-               (best_lm, cur_min), (cur_min, this_min))
+        err = error(this_scale, this_min, lev)
+        update(
+            (D > 0) & (err < best) & live,
+            (best, err),
+            (scale, this_scale),
+            (best_is, isc),
+            (best_lm, cur_min),
+            (cur_min, this_min),
+        )
     L = levels(best_is, best_lm).astype(np.int32)
     # a flat group returns before the search in C: no levels, scale 0, the_min = -min
     L[:, flat] = 0
@@ -316,13 +331,13 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
             continue
         isc = (F32(0.1) * F32(step) + nm) / mx
         sc = F32(1) / isc
-        l = np.minimum(nint(isc * x), nmax).astype(F32)
-        diff = x - sc * l
+        li = np.minimum(nint(isc * x), nmax).astype(F32)
+        diff = x - sc * li
         mse = seqsum(qw * diff * diff)
         update(mse < best, (best, mse), (iscale, isc))
-    l = np.minimum(nint(iscale * x), nmax)
-    lf = l.astype(F32)
-    L = (l & 0xFF).astype(F32)
+    li = np.minimum(nint(iscale * x), nmax)
+    lf = li.astype(F32)
+    L = (li & 0xFF).astype(F32)
     wx = qw * x
     sumlx = seqsum(wx * lf)
     suml2 = seqsum(qw * lf * lf)
@@ -335,12 +350,16 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_blocks(x: np.ndarray, qw: np.ndarray | None, block_fn, block_bytes: int, chunk_blocks: int) -> np.ndarray:
-    """Apply block_fn(x_chunk (cb, 256), qw_chunk | None) -> (cb, block_bytes) uint8 over super-blocks in
-    cache-sized chunks. x: (nb, 256) float32; qw: (nb, 256) or None."""
+    """Apply block_fn(x_chunk (cb, B), qw_chunk | None) -> (cb, block_bytes) uint8 over the blocks of x (nb, B)
+    in batches of chunk_blocks. qw: None, or a (period, B) table where block i uses row i % period (the
+    imatrix of one row repeats for every row; pass period = nb for per-block weights)."""
     nb = x.shape[0]
     out = np.empty((nb, block_bytes), np.uint8)
     with np.errstate(all="ignore"):
         for c0 in range(0, nb, chunk_blocks):
             c1 = min(nb, c0 + chunk_blocks)
-            out[c0:c1] = block_fn(x[c0:c1], None if qw is None else qw[c0:c1])
+            qc = None
+            if qw is not None:
+                qc = qw[c0:c1] if len(qw) == nb else qw.take(np.arange(c0, c1) % len(qw), axis=0)
+            out[c0:c1] = block_fn(x[c0:c1], qc)
     return out

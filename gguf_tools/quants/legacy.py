@@ -22,7 +22,7 @@ from gguf_tools.quants.kquants_common import (
 )
 
 QK = 32
-CHUNK_GROUPS = 256
+CHUNK_GROUPS = 16384  # 32-value groups per vectorised batch
 
 
 def _qh(L: np.ndarray) -> np.ndarray:
@@ -48,23 +48,30 @@ def _symmetric(nmax: int, five_bit: bool):
         L = np.ascontiguousarray(L.T)
         parts = [_fp16_bytes(fp16_round(d)[0])] + ([_qh(L)] if five_bit else []) + [_nibbles(L)]
         return np.concatenate(parts, axis=1)
+
     return block
 
 
 def _affine(nmax: int, five_bit: bool):
     # Q4_1 block (20 B): d | m | qs[16];  Q5_1 block (24 B): d | m | qh u32 | qs[16]   (x = q*d + m)
     def block(xc: np.ndarray, wc: np.ndarray) -> np.ndarray:
-        d, the_min, L = make_qkx_quants(np.ascontiguousarray(xc.T), np.ascontiguousarray(wc.T), nmax,
-                                        -0.9, 0.05, 36, False)
+        d, the_min, L = make_qkx_quants(
+            np.ascontiguousarray(xc.T), np.ascontiguousarray(wc.T), nmax, -0.9, 0.05, 36, False
+        )
         L = np.ascontiguousarray(L.T)
         parts = [_fp16_bytes(fp16_round(d)[0]), _fp16_bytes(fp16_round(-the_min)[0])]
         parts += ([_qh(L)] if five_bit else []) + [_nibbles(L)]
         return np.concatenate(parts, axis=1)
+
     return block
 
 
-_IMPL = {Q.Q4_0: _symmetric(8, False), Q.Q5_0: _symmetric(16, True),
-         Q.Q4_1: _affine(15, False), Q.Q5_1: _affine(31, True)}
+_IMPL = {
+    Q.Q4_0: _symmetric(8, False),
+    Q.Q5_0: _symmetric(16, True),
+    Q.Q4_1: _affine(15, False),
+    Q.Q5_1: _affine(31, True),
+}
 
 
 def _make(qtype: Q):
