@@ -32,33 +32,9 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from .model import DiffusionGemmaModel, gelu_mlp
+from .model import DiffusionGemmaModel, grouped_experts
 from .placement import STAGING_CHUNK, CostModel, PlacementError, Plan, expert_layer_flops
 from .weights import WeightStore, dequantize
-
-Fetch = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def grouped_experts(u: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor, n_experts: int,
-                    fetch: Fetch) -> torch.Tensor:
-    """Block.moe's expert loop with the weights from `fetch(e) -> (gate, up, down)`: one sort, each
-    routed expert applied once to all of its rows, results summed once per token."""
-    k = top_i.shape[1]
-    flat = top_i.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts).tolist()
-    token = order // k
-    weight = top_w.reshape(-1)[order]
-    slots = torch.empty(flat.shape[0], u.shape[1], dtype=u.dtype, device=u.device)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows, wt = token[start:start + n], weight[start:start + n]
-        gate, up, down = fetch(e)
-        slots[order[start:start + n]] = (gelu_mlp(u[rows], gate, up, down) * wt[:, None]).to(u.dtype)
-        start += n
-    return slots.view(u.shape[0], k, -1).sum(1)
 
 
 def _expert_names(store: WeightStore, layer: int) -> list[str]:

@@ -15,6 +15,7 @@ reader can go from the code to the file. Weights are fetched per use (see weight
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+Fetch = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def grouped_experts(u: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor, n_experts: int,
+                    fetch: Fetch) -> torch.Tensor:
+    """Experts grouped by expert, weights from `fetch(e) -> (gate, up, down)`: one sort, each
+    routed expert applied once to all of its rows, results summed once per token."""
+    k = top_i.shape[1]
+    flat = top_i.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    token = order // k
+    weight = top_w.reshape(-1)[order]
+    slots = torch.empty(flat.shape[0], u.shape[1], dtype=u.dtype, device=u.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows, wt = token[start:start + n], weight[start:start + n]
+        gate, up, down = fetch(e)
+        slots[order[start:start + n]] = (gelu_mlp(u[rows], gate, up, down) * wt[:, None]).to(u.dtype)
+        start += n
+    return slots.view(u.shape[0], k, -1).sum(1)
 
 
 @dataclass
@@ -147,24 +173,9 @@ class Block:
         ex = self.m.expert_executor  # placement hook (engine/experts.py): experts kept in host RAM
         if ex is not None and ex.offloaded(self.i):
             return ex.moe(self.i, u, top_i, top_w)
-        # group by expert: one sort, then each routed expert is dequantized once and runs on all of
-        # its tokens in a single matmul; results land in their (token, slot) row and are summed once
-        flat = top_i.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=s.expert_count).tolist()
-        token = order // s.expert_used_count
-        weight = top_w.reshape(-1)[order]
-        slots = torch.empty(flat.shape[0], u.shape[1], dtype=u.dtype, device=u.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows, wt = token[start:start + n], weight[start:start + n]
-            gate, up = self.m.weights.expert_gate_up(self.i, e, self.m.device, self.m.dtype)
-            down = self.m.weights.expert(self.ffn_down_exps, e, self.m.device, self.m.dtype)
-            slots[order[start:start + n]] = (gelu_mlp(u[rows], gate, up, down) * wt[:, None]).to(u.dtype)
-            start += n
-        return slots.view(u.shape[0], s.expert_used_count, -1).sum(1)
+        w, d, dt = self.m.weights, self.m.device, self.m.dtype
+        return grouped_experts(u, top_i, top_w, s.expert_count,
+                               lambda e: (*w.expert_gate_up(self.i, e, d, dt), w.expert(self.ffn_down_exps, e, d, dt)))
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         dense = gelu_mlp(self.norm(h, self.ffn_norm), self.w(self.ffn_gate), self.w(self.ffn_up),
