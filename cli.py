@@ -109,9 +109,47 @@ def inspect(
 
 
 def _engine_errors() -> tuple[type[BaseException], ...]:
+    from engine.placement import PlacementError
     from engine.run import EngineError
 
-    return (EngineError,)
+    return (EngineError, PlacementError)
+
+
+def _override_option() -> list[str]:
+    return typer.Option([], "--override-tensor", "-ot", metavar="REGEX=cpu|gpu",
+                        help="Keep tensors whose name matches REGEX in host RAM (cpu) or on the GPU; repeatable, "
+                             "first match wins (llama.cpp -ot).")
+
+
+@app.command()
+def plan(
+    source: Path = typer.Argument(..., metavar="MODEL.gguf|CONFIG_DIR",
+                                  help="A GGUF file, or a checkpoint/config folder (sizes of a dry-run --type plan)."),
+    vram: str | None = typer.Option(None, "--vram", help="VRAM budget, e.g. 24GB, 18GiB, 512MB (binary units). "
+                                                         "Default: the free VRAM of the CUDA device, else none."),
+    ctx: int = typer.Option(32768, "--ctx", help="Context length in tokens (KV cache size)."),
+    type_name: str | None = typer.Option(None, "--type", help=f"For a folder: the quantization type or preset "
+                                                              f"(default {DEFAULT_TYPE})."),
+    canvas: int | None = typer.Option(None, "--canvas", help="Canvas length (default: the model's)."),
+    host_ram: str | None = typer.Option(None, "--host-ram", help="Host RAM (default: this machine's)."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Every MoE expert tensor in host RAM."),
+    n_cpu_moe: int = typer.Option(0, "--n-cpu-moe", help="The experts of the first N layers in host RAM."),
+    override_tensor: list[str] = _override_option(),
+    dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype of KV cache and activations: bf16, f16, f32."),
+    as_json: bool = typer.Option(False, "--json", help="The plan as JSON."),
+) -> None:
+    """Plan which tensors live in VRAM and which MoE experts in host RAM, for a budget and a context."""
+    with _user_errors(_engine_errors()):
+        from engine.plan_cli import make_plan, plan_json, plan_summary
+
+        p = make_plan(source, vram=vram, ctx=ctx, type_name=type_name, canvas=canvas, host_ram=host_ram,
+                      cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, dtype=dtype)
+        if as_json:
+            _echo_json(plan_json(p))
+        else:
+            typer.echo(p.explain(), nl=False)
+            typer.echo(plan_summary(p))
+        p.require()
 
 
 @app.command()
@@ -130,6 +168,11 @@ def run(
     raw: bool = typer.Option(False, "--raw", help="No chat template: the prompt is the text."),
     show_canvas: bool = typer.Option(False, "--show-canvas", help="Live view of the canvas as it denoises."),
     as_json: bool = typer.Option(False, "--json", help="Text, ids, steps, speeds and memory as JSON."),
+    vram: str | None = typer.Option(None, "--vram", help="VRAM budget, e.g. 24GB (default: the free VRAM)."),
+    ctx: int | None = typer.Option(None, "--ctx", help="Context to plan for (default: prompt + max-new-tokens)."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Every MoE expert tensor in host RAM."),
+    n_cpu_moe: int = typer.Option(0, "--n-cpu-moe", help="The experts of the first N layers in host RAM."),
+    override_tensor: list[str] = _override_option(),
 ) -> None:
     """Generate text with a DiffusionGemma GGUF (block diffusion, entropy-bound sampler)."""
     if len(args) > 2:
@@ -142,7 +185,9 @@ def run(
 
         from engine.run import RunOptions, run_prompt
 
-        opts = RunOptions(max_new_tokens, steps, entropy_bound, t_min, t_max, seed, device, threads, think, raw)
+        opts = RunOptions(max_new_tokens, steps, entropy_bound, t_min, t_max, seed, device, threads, think, raw,
+                          vram=vram, ctx=ctx, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
+                          override_tensor=tuple(override_tensor))
         on_text = None if as_json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         view = None
         if show_canvas and not as_json:
@@ -195,6 +240,42 @@ def logits(
         with atomic_path(out) as tmp, open(tmp, "wb") as fh:
             np.save(fh, result)
         typer.echo(f"wrote {out} {list(result.shape)}")
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="The diffusion-gemma GGUF to judge (e.g. a Q4_K_M file)."),
+    reference: Path = typer.Option(..., "--reference", help="The GGUF it is compared with (e.g. the BF16 file)."),
+    examples: int = typer.Option(200, "--examples", help="How many fixed held-out prompts to use."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the noised canvases and the sampler."),
+    accuracy: bool | None = typer.Option(None, "--accuracy/--no-accuracy",
+                                         help="Task accuracy by full generation (default: on for the built-in "
+                                              "sorting model)."),
+    device: str = typer.Option("cpu", "--device"),
+    threads: int | None = typer.Option(None, "--threads"),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """KL divergence and top-1 agreement of MODEL's canvas logits against REFERENCE's on the same inputs
+    (as llama-perplexity --kl-divergence reports them), and task accuracy for the built-in model."""
+    with _user_errors(_engine_errors()):
+        import torch
+
+        from engine.evaluate import evaluate
+
+        if threads:
+            torch.set_num_threads(threads)
+        r = evaluate(model, reference, examples=examples, seed=seed, accuracy=accuracy, device=device,
+                     on_progress=None if as_json else lambda what: typer.echo(f"... {what}", err=True))
+        if as_json:
+            _echo_json(r.to_json())
+            return
+        typer.echo(f"{r.positions} canvas positions, {examples} prompts, seed {seed}")
+        typer.echo(f"mean KLD        {r.mean_kld:.6f}")
+        typer.echo(f"99% KLD         {r.p99_kld:.6f}")
+        typer.echo(f"max KLD         {r.max_kld:.6f}")
+        typer.echo(f"top-1 agreement {100 * r.top1_agreement:.2f}%")
+        if r.accuracy is not None:
+            typer.echo(f"task accuracy   {100 * r.accuracy:.1f}% (reference {100 * r.reference_accuracy:.1f}%)")
 
 
 def main() -> None:

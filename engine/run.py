@@ -18,8 +18,11 @@ import torch
 
 from gguf_tools.reader import GGUFError, GGUFFile
 
+from . import plan_cli
+from .experts import attach_plan, detach
 from .generate import GenerationResult, ModelRunner, StepInfo, generate
 from .model import DiffusionGemmaModel
+from .placement import PlacementError, Plan
 from .tokenizer import GGUFTokenizer
 from .weights import WeightStore
 
@@ -40,6 +43,13 @@ class RunOptions:
     threads: int | None = None
     think: bool = False
     raw: bool = False
+    # placement (engine/placement.py): the compute device's budget, the context the plan and the
+    # memory check size (None: prompt + max_new_tokens), llama.cpp-style expert offload rules
+    vram: str | None = None
+    ctx: int | None = None
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
+    override_tensor: tuple[str, ...] = ()
 
 
 @dataclass
@@ -55,11 +65,12 @@ class RunResult:
     device: str
     model: str
     timings: dict[str, float] = field(default_factory=dict)
+    placement: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "steps_per_canvas", "finished",
                                               "prefill_tokens_per_s", "generated_tokens_per_s",
-                                              "peak_memory_bytes", "device", "model")}
+                                              "peak_memory_bytes", "device", "model", "placement")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,6 +145,40 @@ def run_prompt(path: Path | None, prompt: str, opts: RunOptions,
     if len(ids) + n_canvas_tokens > spec.context_length:
         raise EngineError(f"prompt ({len(ids)} tokens) plus {n_canvas_tokens} canvas tokens exceeds the "
                           f"context length {spec.context_length}")
+    ctx = len(ids) + max_new if opts.ctx is None else opts.ctx
+    if ctx < len(ids) + max_new:
+        raise EngineError(f"--ctx {ctx} is less than the prompt ({len(ids)} tokens) plus --max-new-tokens {max_new}")
+    if ctx > spec.context_length:
+        raise EngineError(f"--ctx {ctx} exceeds the context length {spec.context_length}")
+    plan = _place(lm, device, ctx, opts)
+    try:
+        return _generate(lm, ids, max_new, opts, device, plan, on_text, on_step)
+    finally:
+        detach(lm.model)
+
+
+def _place(lm: LoadedModel, device: torch.device, ctx: int, opts: RunOptions) -> Plan:
+    """Memory check, then the placement plan, attached: nothing large is allocated before both pass."""
+    m = lm.model
+    try:
+        need = plan_cli.runtime_need(m.spec, ctx, m.spec.canvas_length, m.dtype)
+        plan_cli.check_memory(need, *plan_cli.device_available(device, opts.vram), ctx,
+                              "lower --max-new-tokens or --ctx")
+        plan = plan_cli.plan_for_run(lm.file, m.spec, device, m.dtype, ctx=ctx, vram=opts.vram,
+                                     cpu_moe=opts.cpu_moe, n_cpu_moe=opts.n_cpu_moe,
+                                     override_tensor=opts.override_tensor).require()
+        m.prefill_chunk = plan.prefill_chunk or m.prefill_chunk
+        attach_plan(m, plan)
+    except PlacementError as e:
+        raise EngineError(str(e)) from None
+    return plan
+
+
+def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, device: torch.device, plan: Plan,
+              on_text: Callable[[str], None] | None, on_step: Callable[[StepInfo], None] | None) -> RunResult:
+    spec, tok = lm.model.spec, lm.tokenizer
+    assert tok is not None
+    s = spec.sampler
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     runner = _TimedRunner(lm.model)
     emitted: list[int] = []
@@ -164,7 +209,15 @@ def run_prompt(path: Path | None, prompt: str, opts: RunOptions,
         text=tok.decode(tokens), token_ids=tokens, prompt_tokens=len(ids), steps_per_canvas=result.steps_per_canvas,
         finished=result.finished, prefill_tokens_per_s=len(ids) / max(runner.prefill_s, 1e-9),
         generated_tokens_per_s=len(tokens) / decode_s, peak_memory_bytes=_peak_memory(device),
-        device=str(device), model=str(lm.path), timings={"prefill_s": runner.prefill_s, "total_s": total})
+        device=str(device), model=str(lm.path), timings={"prefill_s": runner.prefill_s, "total_s": total},
+        placement=_placement_json(lm.model, plan))
+
+
+def _placement_json(model: DiffusionGemmaModel, plan: Plan) -> dict[str, Any]:
+    ex = model.expert_executor
+    return {"ctx": plan.ctx, "vram_budget_bytes": plan.vram_budget_bytes, "planned_gpu_bytes": plan.gpu_bytes,
+            "offloaded": list(plan.offloaded), "layer_modes": {str(i): m for i, m in plan.layer_modes().items()},
+            "executor": dict(ex.stats) if ex is not None else {}}
 
 
 class _TimedRunner(ModelRunner):
@@ -207,6 +260,13 @@ def compute_logits(path: Path, tokens: list[int], canvas: list[int] | None = Non
             raise EngineError(f"--self-cond has shape {list(self_cond.shape)}, expected [{len(canvas)}, {vocab}]")
         if not np.isfinite(self_cond).all():
             raise EngineError("--self-cond contains NaN or Inf")
+    ctx = len(tokens) + len(canvas or [])
+    try:
+        need = plan_cli.runtime_need(spec, ctx, len(canvas) if canvas is not None else len(tokens), m.dtype,
+                                     self_cond=self_cond is not None)
+        plan_cli.check_memory(need, *plan_cli.device_available(dev), ctx, "pass fewer --tokens")
+    except PlacementError as e:
+        raise EngineError(str(e)) from None
     cache = m.new_cache()
     ctx = torch.tensor(tokens, dtype=torch.long)
     if canvas is None:

@@ -175,5 +175,46 @@ def test_inspect_rejects_a_non_gguf(tmp_path):
 def test_help_lists_commands():
     result = run("--help")
     assert result.exit_code == 0
-    for cmd in ("quantize", "inspect"):
+    for cmd in ("quantize", "inspect", "run", "logits", "plan"):
         assert cmd in result.stdout
+    run_help = run("run", "--help")
+    for opt in ("--vram", "--ctx", "--cpu-moe", "--n-cpu-moe", "--override-tensor"):
+        assert opt in run_help.stdout
+
+
+# ---- run: placement options ---------------------------------------------------------------------------
+
+RUN_ARGS = ("Sort 3 1 2", "--max-new-tokens", "16", "--steps", "3", "--seed", "4", "--json", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_ckpt, tmp_path_factory) -> Path:
+    out, _ = conv.convert(tiny_ckpt[0], tmp_path_factory.mktemp("cli-run") / "tiny-BF16.gguf", "BF16")
+    return out
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_gguf) -> dict:
+    r = run("run", tiny_gguf, *RUN_ARGS)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("placement", [("--n-cpu-moe", "1"), ("--cpu-moe",),
+                                       ("-ot", r"blk\.2\.ffn_down_exps=cpu", "--vram", "2GB")],
+                         ids=["n-cpu-moe", "cpu-moe", "override-tensor"])
+def test_run_tokens_do_not_depend_on_placement(tiny_gguf, resident, placement):
+    r = run("run", tiny_gguf, *RUN_ARGS, *placement)
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert resident["placement"]["offloaded"] == [] and resident["placement"]["executor"]["cpu_layer_calls"] == 0
+    assert got["placement"]["offloaded"] and got["placement"]["layer_modes"]
+    assert got["placement"]["executor"]["cpu_layer_calls"] > 0  # the experts went through the executor
+    assert got["token_ids"] == resident["token_ids"] and got["text"] == resident["text"]
+    assert got["steps_per_canvas"] == resident["steps_per_canvas"]
+
+
+def test_run_placement_errors(tiny_gguf):
+    assert_one_line_error(run("run", tiny_gguf, "hi", "--n-cpu-moe", "-2"), "--n-cpu-moe")
+    assert_one_line_error(run("run", tiny_gguf, "hi", "--override-tensor", "exps"), "REGEX=cpu|gpu")
+    assert_one_line_error(run("run", tiny_gguf, "hi", "--vram", "1MB", "--device", "cpu"), "too small")

@@ -18,11 +18,12 @@ from gguf import GGMLQuantizationType as Q
 
 QK_K = 256
 _IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 x 2 (ggml kvalues_mxfp4)
 
 
 def _f16(raw: torch.Tensor, off: int) -> torch.Tensor:
     """Little-endian fp16 at byte `off` of each block -> float32 [n, 1] (exact widening)."""
-    return raw[:, off:off + 2].contiguous().view(torch.float16).to(torch.float32)
+    return raw[:, off : off + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
 def _shifts(raw: torch.Tensor, *s: int) -> torch.Tensor:
@@ -181,9 +182,24 @@ def dequantize_blocks_IQ4_XS(raw: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(n, QK_K)
 
 
+def dequantize_blocks_MXFP4(raw: torch.Tensor) -> torch.Tensor:
+    # e (E8M0) . qs[16]: codes 0..15 in the low nibbles, 16..31 in the high ones. gguf-py (and ggml's
+    # kvalues_mxfp4) hold the E2M1 values doubled, so the scale is ggml_e8m0_to_fp32_half(e) = 2^(e-128):
+    # built from bits, (e-1) << 23 for e >= 2 and the subnormals 2^-128, 2^-127 for e = 0, 1
+    e = raw[:, :1].to(torch.int32)
+    bits = torch.where(e < 2, torch.full_like(e, 0x00200000) << e.clamp(max=1), (e - 1) << 23)
+    d = bits.view(torch.float32)
+    k = torch.tensor(_MXFP4_KVALUES, dtype=torch.float32, device=raw.device)
+    return d * k[_nibbles(raw[:, 1:]).to(torch.long)]
+
+
 TORCH_DEQUANTIZERS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q[name]: fn for name, fn in ((k.removeprefix("dequantize_blocks_"), v) for k, v in dict(globals()).items()
-                                 if k.startswith("dequantize_blocks_"))
+    Q[name]: fn
+    for name, fn in (
+        (k.removeprefix("dequantize_blocks_"), v)
+        for k, v in dict(globals()).items()
+        if k.startswith("dequantize_blocks_")
+    )
 }
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize as gguf_quantize
 from typer.testing import CliRunner
 
@@ -120,8 +120,14 @@ def copy_gguf(src: Path, dst: Path, drop: str | None = None, requantize: dict[st
         if requantize and t.name in requantize:
             from gguf.quants import dequantize
 
+            qt = requantize[t.name]
             values = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-            w.add_tensor(t.name, gguf_quantize(values, requantize[t.name]), raw_dtype=requantize[t.name])
+            if qt == Q.Q8_1:  # gguf-py has no Q8_1 quantizer: the bytes only need the right size
+                block, size = GGML_QUANT_SIZES[qt]
+                data = np.zeros((*shape[:-1], shape[-1] // block * size), np.uint8)
+            else:
+                data = gguf_quantize(values, qt)
+            w.add_tensor(t.name, data, raw_dtype=qt)
         else:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # reader shapes are byte shapes
     w.write_header_to_file()
@@ -144,8 +150,9 @@ def test_missing_tensor_is_named(tiny_gguf, tmp_path):
 
 
 def test_unsupported_tensor_type_is_named(tiny_gguf, tmp_path):
-    bad = copy_gguf(tiny_gguf, tmp_path / "mxfp4.gguf", requantize={"blk.0.attn_q.weight": Q.MXFP4})
-    one_line_error(invoke("run", bad, "hi"), "blk.0.attn_q.weight", "MXFP4")
+    # Q8_1 is a valid ggml type (an activation format) that no model file should hold
+    bad = copy_gguf(tiny_gguf, tmp_path / "q81.gguf", requantize={"blk.0.attn_q.weight": Q.Q8_1})
+    one_line_error(invoke("run", bad, "hi"), "blk.0.attn_q.weight", "Q8_1")
 
 
 def test_prompt_longer_than_context(tiny_gguf):
