@@ -1,12 +1,15 @@
-"""The embedded default model: a tiny random DiffusionGemma, built and converted on first use.
+"""The embedded default model: the small trained DiffusionGemma shipped under models/, converted on
+first use.
 
-It is written in the released checkpoint layout by gguf_tools.synthetic and converted by the same
-converter users run, so `diffgemma run` with no model exercises the whole pipeline. Its weights are
-random: the text it prints is noise.
+The checkpoint (models/diffgemma-sort-tiny, trained by train/train_tiny.py to sort lists of digits)
+is in the released layout and is converted by the same converter users run, so `diffgemma run` with
+no model exercises the whole pipeline and prints checkable answers ("Sort: 3 1 2" -> "1 2 3"). The
+cached file's name carries a digest of the checkpoint, so a retrained model is converted afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -14,11 +17,10 @@ from pathlib import Path
 
 from gguf_tools.convert import convert
 from gguf_tools.presets import DEFAULT_TYPE
-from gguf_tools.synthetic import tiny_config, write_checkpoint, write_tokenizer
 from gguf_tools.validate import GGUFError, validate_gguf
 
-NAME = "diffgemma-tiny-random-v1"
-SEED = 1234
+NAME = "diffgemma-sort-tiny"
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / NAME
 
 
 def cache_dir() -> Path:
@@ -29,7 +31,9 @@ def cache_dir() -> Path:
 def default_model_path() -> Path:
     """The cached GGUF, built on first call. A crash midway leaves no GGUF (the converter writes a
     temporary file and renames it); the next call removes what a killed build left and rebuilds."""
-    out = cache_dir() / f"{NAME}-{DEFAULT_TYPE}.gguf"
+    if not (SHIPPED / "config.json").is_file():
+        raise FileNotFoundError(f"the default model's checkpoint is missing ({SHIPPED}); pass a MODEL.gguf")
+    out = cache_dir() / f"{NAME}-{_digest(SHIPPED)}-{DEFAULT_TYPE}.gguf"
     if out.is_file():
         try:
             validate_gguf(out, check_model=False)  # a damaged cache (disk trouble, hand edits) is rebuilt
@@ -39,13 +43,20 @@ def default_model_path() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out.parent)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".build-{os.getpid()}-") as tmp:
-        src = Path(tmp) / NAME
-        cfg, gen = tiny_config()
-        write_checkpoint(src, cfg, gen, seed=SEED)
-        write_tokenizer(src, cfg["text_config"]["vocab_size"])
-        convert(src, out, DEFAULT_TYPE)
-        shutil.rmtree(src, ignore_errors=True)
+        convert(SHIPPED, Path(tmp) / out.name, DEFAULT_TYPE)
+        os.replace(Path(tmp) / out.name, out)
     return out
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:12]
 
 
 def _remove_stale_builds(folder: Path) -> None:

@@ -93,10 +93,10 @@ user model system thought user model system thought answer question
 _ALPHABET = [SPACE] + [chr(c) for c in range(0x21, 0x7F)]  # '▁' and printable ASCII but ' '
 
 
-def _training_words() -> Counter[tuple[str, ...]]:
+def _training_words(corpus: str) -> Counter[tuple[str, ...]]:
     """Split like SentencePiece: a word carries its leading '▁', so merges never cross words."""
     words: Counter[tuple[str, ...]] = Counter()
-    for line in _CORPUS.splitlines():
+    for line in corpus.splitlines():
         text = line.replace(" ", SPACE)
         start = 0
         for i in range(1, len(text) + 1):
@@ -106,9 +106,9 @@ def _training_words() -> Counter[tuple[str, ...]]:
     return words
 
 
-def _learn_merges(n_merges: int) -> list[tuple[str, str]]:
+def _learn_merges(n_merges: int, corpus: str) -> list[tuple[str, str]]:
     """Greedy BPE: repeatedly merge the most frequent adjacent pair (ties: smallest pair)."""
-    words = _training_words()
+    words = _training_words(corpus)
     merges: list[tuple[str, str]] = []
     while len(merges) < n_merges:
         pairs: Counter[tuple[str, str]] = Counter()
@@ -138,7 +138,7 @@ def _minimum_size() -> int:
     return len(SPECIAL_TOKENS) + 1 + 256 + len(_ALPHABET)
 
 
-def build_vocab(vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
+def build_vocab(vocab_size: int, corpus: str = _CORPUS) -> tuple[list[str], list[tuple[str, str]]]:
     """Token texts by id and the merges; ids not claimed by a fixed token are filled in order."""
     if vocab_size < _minimum_size():
         raise ValueError(f"tiny tokenizer needs vocab_size >= {_minimum_size()}, got {vocab_size}")
@@ -147,7 +147,7 @@ def build_vocab(vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
     pool = [f"<0x{b:02X}>" for b in range(256)] + _ALPHABET
     merges: list[tuple[str, str]] = []
     seen = set(fixed.values()) | set(pool)
-    for a, b in _learn_merges(vocab_size - len(fixed) - len(pool)):
+    for a, b in _learn_merges(vocab_size - len(fixed) - len(pool), corpus):
         merges.append((a, b))
         if a + b not in seen:
             seen.add(a + b)
@@ -160,8 +160,8 @@ def build_vocab(vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
     return tokens, merges
 
 
-def build_tokenizer(vocab_size: int) -> Tokenizer:
-    tokens, merges = build_vocab(vocab_size)
+def build_tokenizer(vocab_size: int, corpus: str = _CORPUS) -> Tokenizer:
+    tokens, merges = build_vocab(vocab_size, corpus)
     model = BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token="<unk>",
                 fuse_unk=True, byte_fallback=True)
     tok = Tokenizer(model)
@@ -195,11 +195,12 @@ def tokenizer_config(vocab_size: int) -> dict:
     }
 
 
-def write_tiny_tokenizer(dir: Path, vocab_size: int) -> None:
-    """Write tokenizer.json and tokenizer_config.json with exactly `vocab_size` tokens."""
+def write_tiny_tokenizer(dir: Path, vocab_size: int, corpus: str = _CORPUS) -> None:
+    """Write tokenizer.json and tokenizer_config.json with exactly `vocab_size` tokens; `corpus`
+    is the text the merges are learned from (a task model passes text shaped like its prompts)."""
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, corpus)
     if tok.get_vocab_size(with_added_tokens=True) != vocab_size:
         raise AssertionError("tiny tokenizer size drifted from the requested vocab_size")
     tok.save(str(dir / "tokenizer.json"))

@@ -36,6 +36,15 @@ def tiny_ckpt(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_ckpt, tmp_path_factory) -> Path:
+    """The bf16 tiny checkpoint converted by our converter (BF16, lossless): the engine's test file."""
+    from gguf_tools.convert import convert
+
+    out, _ = convert(tiny_ckpt[0], tmp_path_factory.mktemp("tiny-gguf") / "tiny-BF16.gguf", "BF16")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt_f32(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     path = tmp_path_factory.mktemp("tiny32") / "tiny-dg-f32"
     model = make_tiny_checkpoint(path, dtype=torch.float32, seed=3)

@@ -188,12 +188,6 @@ RUN_ARGS = ("Sort 3 1 2", "--max-new-tokens", "16", "--steps", "3", "--seed", "4
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tiny_ckpt, tmp_path_factory) -> Path:
-    out, _ = conv.convert(tiny_ckpt[0], tmp_path_factory.mktemp("cli-run") / "tiny-BF16.gguf", "BF16")
-    return out
-
-
-@pytest.fixture(scope="module")
 def resident(tiny_gguf) -> dict:
     r = run("run", tiny_gguf, *RUN_ARGS)
     assert r.exit_code == 0, r.output

@@ -8,14 +8,11 @@ from the budgets: the command must print what the planner decides and exit by it
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 import cli
 from engine.placement import is_expert, parse_bytes, plan_for
-from gguf_tools import convert as conv
 
 GIB = 2**30
 CTX = "32768"
@@ -39,12 +36,6 @@ def plan_json(*args) -> dict:
     r = invoke("plan", *args, "--json")
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_ckpt, tmp_path_factory) -> Path:
-    out, _ = conv.convert(tiny_ckpt[0], tmp_path_factory.mktemp("plan") / "tiny-BF16.gguf", "BF16")
-    return out
 
 
 # ---- acceptance: the released config -----------------------------------------------------------------

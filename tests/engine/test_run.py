@@ -34,12 +34,6 @@ def one_line_error(result, *needles):
         assert n in err, err
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_ckpt, tmp_path_factory) -> Path:
-    out, _ = conv.convert(tiny_ckpt[0], tmp_path_factory.mktemp("run") / "tiny-BF16.gguf", "BF16")
-    return out
-
-
 def test_run_is_reproducible_and_reports_figures(tiny_gguf):
     args = ("run", tiny_gguf, "Sort 3 1 2", "--max-new-tokens", "40", "--steps", "6", "--json")
     a = invoke(*args, "--seed", "5")

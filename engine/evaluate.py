@@ -1,0 +1,148 @@
+"""`diffgemma eval`: how far a (quantized) file's canvas predictions drift from a reference file's.
+
+The inputs are fixed: the held-out prompts of the default model's task (engine.sort_task), each
+followed by its answer canvas corrupted to several noise levels with a seeded generator, which is
+what the decoder sees during denoising. Both files get exactly the same token ids; the statistics are
+those `llama-perplexity --kl-divergence` reports for autoregressive models, taken over every canvas
+position: mean and 99th-percentile KL(reference || model) and top-1 agreement. For the task model
+the answers can also be checked: task accuracy runs the full sampler with a fixed seed per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .generate import ModelRunner, generate
+from .run import EngineError, LoadedModel, load, resolve_device
+from .sort_task import Example, evaluation_set, is_correct
+
+NOISE_LEVELS = (1.0, 0.75, 0.5, 0.25)
+TASK_MODEL_PREFIX = "diffgemma-sort-tiny"
+EOT, PAD = 106, 0
+
+
+@dataclass
+class CanvasInput:
+    prompt: list[int]
+    canvases: list[list[int]]
+
+
+@dataclass
+class EvalResult:
+    model: str
+    reference: str
+    positions: int
+    mean_kld: float
+    p99_kld: float
+    max_kld: float
+    top1_agreement: float
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("model", "reference", "positions", "mean_kld", "p99_kld", "max_kld",
+                                              "top1_agreement", "accuracy", "reference_accuracy")}
+
+
+def canvas_inputs(lm: LoadedModel, examples: Sequence[Example], seed: int) -> list[CanvasInput]:
+    """Prompt ids through the file's own chat path, and the answer canvas at each noise level."""
+    tok, spec = lm.tokenizer, lm.model.spec
+    assert tok is not None
+    c, vocab = spec.canvas_length, lm.model.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for ex in examples:
+        prompt = tok.apply_chat([{"role": "user", "content": ex.prompt}])
+        clean = (tok.raw(ex.answer) + [EOT])[:c]
+        clean = torch.tensor(clean + [PAD] * (c - len(clean)), dtype=torch.long)
+        canvases = []
+        for t in NOISE_LEVELS:
+            noise = torch.randint(0, vocab, (c,), generator=g)
+            canvases.append(torch.where(torch.rand(c, generator=g) < t, noise, clean).tolist())
+        out.append(CanvasInput(prompt, canvases))
+    return out
+
+
+@torch.no_grad()
+def canvas_logits(lm: LoadedModel, inputs: Sequence[CanvasInput]) -> list[torch.Tensor]:
+    """Decoder logits [C, V] for every canvas; the prompt is encoded once per example (the decoder
+    reads the cache without writing it)."""
+    m = lm.model
+    out = []
+    for item in inputs:
+        cache = m.new_cache()
+        m.encode(torch.tensor(item.prompt, dtype=torch.long), cache)
+        for canvas in item.canvases:
+            out.append(m.decode(torch.tensor(canvas, dtype=torch.long), cache).float().cpu())
+    return out
+
+
+def divergence(ref_logits: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Per-position KL(ref || model) in float64, then mean, 99th percentile, max, and top-1 agreement."""
+    kls, agree = [], []
+    for r, m in zip(ref_logits, logits, strict=True):
+        lr, lm_ = torch.log_softmax(r.double(), -1), torch.log_softmax(m.double(), -1)
+        kls.append((lr.exp() * (lr - lm_)).sum(-1).clamp_min(0))
+        agree.append(r.argmax(-1) == m.argmax(-1))
+    kl = torch.cat(kls).numpy()
+    return {"positions": int(kl.size), "mean_kld": float(kl.mean()), "p99_kld": float(np.percentile(kl, 99)),
+            "max_kld": float(kl.max()), "top1_agreement": float(torch.cat(agree).double().mean())}
+
+
+def task_accuracy(lm: LoadedModel, examples: Sequence[Example], seed: int,
+                  on_example: Callable[[int, bool], None] | None = None) -> float:
+    """Share of prompts answered exactly, through the full sampler; prompt i uses seed + i, so the
+    figure does not depend on how many prompts run or in which order."""
+    tok, spec = lm.tokenizer, lm.model.spec
+    assert tok is not None
+    s = spec.sampler
+    right = 0
+    for i, ex in enumerate(examples):
+        ids = tok.apply_chat([{"role": "user", "content": ex.prompt}])
+        gen = torch.Generator(device=lm.model.device).manual_seed(seed + i)
+        result = generate(ModelRunner(lm.model), torch.tensor(ids, dtype=torch.long), max_new_tokens=s.max_new_tokens,
+                          steps=s.max_steps, entropy_bound=s.entropy_bound, t_min=s.t_min, t_max=s.t_max,
+                          stability_threshold=s.stability_threshold, confidence_threshold=s.confidence_threshold,
+                          eos_ids=spec.eos_token_ids, pad_id=spec.pad_token_id, generator=gen)
+        ok = is_correct(ex, tok.decode([int(t) for t in result.tokens.tolist()]))
+        right += ok
+        if on_example is not None:
+            on_example(i, ok)
+    return right / max(1, len(examples))
+
+
+def is_task_model(lm: LoadedModel) -> bool:
+    return str(lm.file.kv.get("general.name", "")).startswith(TASK_MODEL_PREFIX)
+
+
+def evaluate(model_path: Path, reference_path: Path, *, examples: int = 200, seed: int = 0,
+             accuracy: bool | None = None, device: str = "cpu",
+             on_progress: Callable[[str], None] | None = None) -> EvalResult:
+    if examples < 1:
+        raise EngineError("--examples must be at least 1")
+    dev = resolve_device(device)
+    lm, ref = load(model_path, dev), load(reference_path, dev)
+    if lm.model.vocab_size != ref.model.vocab_size or lm.model.spec.canvas_length != ref.model.spec.canvas_length:
+        raise EngineError(f"{model_path.name} and {reference_path.name} are not the same model "
+                          "(vocabulary or canvas length differ)")
+    exs = evaluation_set(examples)
+    inputs = canvas_inputs(ref, exs, seed)
+    if on_progress:
+        on_progress("canvas logits")
+    stats = divergence(canvas_logits(ref, inputs), canvas_logits(lm, inputs))
+    result = EvalResult(model=str(model_path), reference=str(reference_path), **stats)
+    if accuracy is None:
+        accuracy = is_task_model(lm)
+    if accuracy:
+        if on_progress:
+            on_progress("task accuracy")
+        result.accuracy = task_accuracy(lm, exs, seed)
+        result.reference_accuracy = task_accuracy(ref, exs, seed)
+    return result
