@@ -14,6 +14,7 @@ from gguf_tools.quants.kquants_common import (
     GROUP_MAX_EPS,
     LIMIT,
     ZERO,
+    abs_max_pm,
     first_abs_max,
     fp16_round,
     make_q3_quants,
@@ -22,6 +23,7 @@ from gguf_tools.quants.kquants_common import (
     make_qx_quants,
     nan_skipping_max,
     nint,
+    qx_levels,
     run_blocks,
     seqsum,
 )
@@ -227,27 +229,60 @@ def _q5_k(xc: np.ndarray, qwc: np.ndarray | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------ Q6_K
 # Q6_K block (210 B): ql[128] low nibbles | qh[64] high 2 bits | scales int8[16] | d fp16
+_NIB = np.uint32(0x0F0F0F0F)
+_TWO = np.uint32(0x03030303)
+
+
 def _q6_k(xc: np.ndarray, qwc: np.ndarray | None) -> np.ndarray:
     cb = xc.shape[0]
     x = _pos(xc, 16)
-    # quantize_row_q6_K_ref uses x^2 weights; quantize_row_q6_K_impl passes the imatrix itself as weights.
-    w = x * x if qwc is None else _pos(qwc, 16)
-    sc, L = make_qx_quants(x, 32, w)
-    sc = sc.reshape(cb, 16)
-    amax, max_scale = first_abs_max(sc)
+    # quantize_row_q6_K_ref uses x^2 weights; quantize_row_q6_K_impl passes the imatrix itself as weights
+    # (handed in position-major by _pm_weights).
+    w = x * x if qwc is None else qwc
+    xmax = abs_max_pm(x)
+    sc, isc = make_qx_quants(x, 32, w, levels=False, amax_mx=xmax)
+    amax, max_scale = abs_max_pm(np.ascontiguousarray(sc.reshape(cb, 16).T))
     zero = amax < GROUP_MAX_EPS  # whole super-block written as zero bytes
     iscale = F32(-128) / np.where(zero, F32(1), max_scale)
     d16, d = fp16_round(F32(1) / iscale)
-    scales = np.minimum(nint(iscale[:, None] * sc), 127).astype(np.int8)
-    dsub = (d[:, None] * scales.astype(F32)).reshape(1, -1)
-    L = _blocks(_requant(x, dsub, None, -32, 31, L, 32), cb)
-    q = L.reshape(cb, 2, 4, 32)
-    ql = np.concatenate(
-        [q[:, :, 0] & 0xF | ((q[:, :, 2] & 0xF) << 4), q[:, :, 1] & 0xF | ((q[:, :, 3] & 0xF) << 4)], axis=2
-    ).reshape(cb, 128)
-    h = q >> 4
-    qh = (h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)).reshape(cb, 64)
-    out = np.concatenate([ql, qh, scales.view(np.uint8), _fp16_bytes(d16)], axis=1)
+    scales = np.minimum(nint(iscale[:, None] * sc.reshape(cb, 16)), 127).astype(np.int8)
+    dsub = (d[:, None] * scales.astype(F32)).reshape(-1, 1)
+    # Re-quantize with the stored scales in element order (groups of 16 are rows here): no transpose back.
+    xg = xc.reshape(-1, 16)
+    t = np.divide(xg, dsub)
+    skip = np.flatnonzero(dsub.ravel() == 0)  # `if (!d) continue;`: keep the search's levels there
+    live = np.ones(len(dsub), bool)
+    live[skip] = False
+    with np.errstate(all="ignore"):
+        bound = xmax[0] / np.abs(dsub.ravel())  # >= max |x/d| over the group: division is monotone
+    if bool(np.all(bound[live] < LIMIT)) and bool(np.isfinite(xg).all()):  # (amax skips NaN)
+        np.rint(t, out=t)
+        np.clip(t, F32(-32), F32(31), out=t)
+        L = t.astype(np.int8)
+    else:  # some |x/d| reaches 2^22: nearest_int's own wrap-around
+        L = np.clip(nint(t), -32, 31).astype(np.int8)
+    L += np.int8(32)
+    if skip.size:
+        xs = np.ascontiguousarray(x[:, skip])
+        Ls = qx_levels(xs, isc[skip], 32, bool(np.isfinite(xs).all())) + F32(32)
+        Ls[:, abs_max_pm(xs)[0] < GROUP_MAX_EPS] = 0  # make_qx_quants leaves an all-zero group at L = 0
+        L[skip] = Ls.T.astype(np.int8)
+    # Pack 4 levels per uint32 word: per 128-element half, quarter k holds elements 32k..32k+31.
+    W = L.view(np.uint32).reshape(cb, 2, 4, 8)
+    ql = np.empty((cb, 2, 2, 8), np.uint32)
+    np.bitwise_or(W[:, :, 0] & _NIB, (W[:, :, 2] & _NIB) << 4, out=ql[:, :, 0])
+    np.bitwise_or(W[:, :, 1] & _NIB, (W[:, :, 3] & _NIB) << 4, out=ql[:, :, 1])
+    H = (W >> 4) & _TWO
+    qh = H[:, :, 0] | (H[:, :, 1] << 2) | (H[:, :, 2] << 4) | (H[:, :, 3] << 6)
+    out = np.concatenate(
+        [
+            ql.view(np.uint8).reshape(cb, 128),
+            qh.view(np.uint8).reshape(cb, 64),
+            scales.view(np.uint8),
+            _fp16_bytes(d16),
+        ],
+        axis=1,
+    )
     out[zero] = 0
     return out
 
@@ -261,6 +296,25 @@ _BLOCK_FNS = {
 }
 
 
+# block functions that take their imatrix weights already position-major, (p, cb*256/p)
+_PM_WEIGHTS = {"Q6_K": 16}
+
+
+def _pm_weights(qw: np.ndarray, p: int, chunk_blocks: int):
+    """qw_chunk for run_blocks: the imatrix table (period, 256) transposed once to position-major groups of p
+    and repeated along the blocks, so that the weights of blocks c0..c1 (block i uses row i % period) are one
+    contiguous slice of every row -- the same values _pos(qw.take(...), p) gives, at the cost of a copy."""
+    period, g = len(qw), QK_K // p
+    table = np.ascontiguousarray(qw.reshape(period, g, p).transpose(2, 0, 1)).reshape(p, -1)
+    table = np.tile(table, (1, 1 + -(-chunk_blocks // period)))
+
+    def chunk(c0: int, c1: int) -> np.ndarray:
+        r = c0 % period
+        return np.ascontiguousarray(table[:, r * g : (r + c1 - c0) * g])
+
+    return chunk
+
+
 def _make(name: str):
     fn, nbytes = _BLOCK_FNS[name]
 
@@ -270,7 +324,10 @@ def _make(name: str):
         x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, QK_K)
         # quant_weights is indexed within the row: super-block i of every row uses imatrix[256*i : 256*(i+1)]
         qw = None if imatrix is None else np.asarray(imatrix, F32).reshape(k // QK_K, QK_K)
-        return run_blocks(x, qw, fn, nbytes, CHUNK_BLOCKS[name]).reshape(n, -1)
+        chunk_w = None
+        if qw is not None and name in _PM_WEIGHTS:
+            chunk_w = _pm_weights(qw, _PM_WEIGHTS[name], CHUNK_BLOCKS[name])
+        return run_blocks(x, qw, fn, nbytes, CHUNK_BLOCKS[name], chunk_w).reshape(n, -1)
 
     quantize_rows.__name__ = f"quantize_{name.lower()}"
     return quantize_rows

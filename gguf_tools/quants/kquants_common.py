@@ -12,6 +12,8 @@ in float32), and expressions keep the C evaluation order: `w*x*l` is `(w*x)*l`, 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 F32 = np.float32
@@ -102,57 +104,206 @@ def min_max_pm(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mn, mx
 
 
+# ---------------------------------------------------------------------------------------------- fused dot products
+# make_qx_quants spends its time on sum_i w*x*l and sum_i w*l*l for 19 candidate scales. np.einsum("ij,ij->j")
+# and ("ij,ij,ij->j") form each product and add it to the running column sum row after row, without a temporary,
+# which is both faster than multiply + seqsum and -- where the build forms every product before adding it (no
+# fused multiply-add) -- bit-identical to it. That is a property of the NumPy build, so it is checked once at
+# first use against the explicit multiply-then-add loop and the slow path is kept as the fallback.
+EINSUM_MIN_COLS = 16  # with a single column nditer makes the summed axis the inner loop (a SIMD dot product)
+_EINSUM_EXACT: bool | None = None
+
+
+def _explicit_dot(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    acc = np.zeros(a.shape[1], F32)
+    for i in range(a.shape[0]):
+        t = a[i] * b[i]
+        if c is not None:
+            t = t * c[i]
+        acc = acc + t
+    return acc
+
+
+def einsum_is_exact() -> bool:
+    """Whether np.einsum's column dot products equal the left-to-right multiply-then-add loop on this build.
+    Columns of mixed magnitudes show the order of the additions; in others everything but rows 0-1 is zero and
+    (1+2^-12)^2 - (1+2^-11) would come out as 2^-24 instead of 0 if a product were fused into the add (a*b+acc
+    for two operands, (a*b)*c+acc for three). Several widths run both the vector bodies and the remainders."""
+    global _EINSUM_EXACT
+    if _EINSUM_EXACT is None:
+        rng = np.random.default_rng(12345)
+        u, v = F32(1 + 2.0**-12), F32(1 + 2.0**-11)
+        ok = True
+        with np.errstate(all="ignore"):
+            for p, s in [(16, 16), (16, 17), (32, 67), (16, 1000), (16, 4099)]:
+                a = (rng.standard_normal((p, s)) * np.exp(rng.uniform(-12, 12, (p, s)))).astype(F32)
+                b = rng.integers(-33, 33, (p, s)).astype(F32)
+                c = rng.integers(-33, 33, (p, s)).astype(F32)
+                for col, (a1, b1, c1) in ((slice(0, None, 3), (u, u, 1)), (slice(1, None, 3), (u, 1, u))):
+                    a[2:, col] = 0
+                    a[0, col], b[0, col], c[0, col] = -v, 1, 1
+                    a[1, col], b[1, col], c[1, col] = a1, b1, c1
+                for args, spec in [((a, b), "ij,ij->j"), ((a, b, c), "ij,ij,ij->j")]:
+                    out = np.empty(s, F32)
+                    np.einsum(spec, *args, out=out)
+                    ok &= bool(np.array_equal(out, _explicit_dot(*args), equal_nan=True))
+        _EINSUM_EXACT = ok
+    return _EINSUM_EXACT
+
+
+def dot_pm(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    """Per column of position-major (P, S) arrays: float32 `s = 0; s += a*b` (or `s += a*b*c`, i.e. (a*b)*c)
+    over the P rows in order, as the C loops accumulate."""
+    if a.shape[1] >= EINSUM_MIN_COLS and einsum_is_exact():
+        # C-contiguous operands keep the column axis innermost, the order the self-check saw
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        c = None if c is None else np.ascontiguousarray(c)
+        out = np.empty(a.shape[1], F32)
+        if c is None:
+            return np.einsum("ij,ij->j", a, b, out=out)
+        return np.einsum("ij,ij,ij->j", a, b, c, out=out)
+    t = a * b
+    if c is not None:
+        t *= c
+    return seqsum(t)
+
+
 # ---------------------------------------------------------------------------------------------- make_qx_quants
-def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+_QX_STEPS = (0, *range(-9, 0), *range(1, 10))  # C's order: the initial iscale, then is = -9..9 without 0
+
+
+def _qx_c(nmax: int, step: int) -> np.float32:
+    """nmax + 0.1f*is in float32, the numerator of C's candidate iscale -(nmax + 0.1f*is)/max."""
+    return F32(nmax) + F32(0.1) * F32(step)
+
+
+@functools.cache
+def _qx_clip_classes(nmax: int) -> dict[int, tuple[float | None, float | None]] | None:
+    """Per candidate step, the (opposite-sign, same-sign) limits K on |x|/amax above which C's clamp of
+    nearest_int(iscale*x) to [-nmax, nmax-1] bites, or None when the clamp is not needed at that step.
+
+    With p = |x|/amax * c (c = nmax + 0.1*is; the float32 rounding of iscale and of the product is < 1e-6
+    relative), an element on the side whose levels are positive (sign opposite to max) is clamped at nmax-1,
+    one on max's side at -nmax. Replacing |x| by min(|x|, K*amax) with K*c_max < cap+0.5 and K*c_min > cap-0.5
+    on each side gives the clamped level for every step of a class straight from nearest_int: elements below
+    K never reach the cap there, elements above it always do. Classes: is <= -6 (no clamp), -5..4 (the
+    positive side), 5..9 (both). Returns None if some margin is under 1e-3 (never for the nmax in use)."""
+    classes = {
+        -6: (None, None),
+        4: ((nmax - 0.51) / (nmax + 0.4), None),
+        9: ((nmax - 0.51) / (nmax + 0.9), (nmax + 0.49) / (nmax + 0.9)),
+    }
+    eps = 1e-6
+    out = {}
+    lo_step = -9
+    for hi_step, (kp, kn) in classes.items():
+        cs = [float(_qx_c(nmax, s)) for s in range(lo_step, hi_step + 1)]
+        cmin, cmax = min(cs), max(cs)
+        for k, cap in ((kp, nmax - 1), (kn, nmax)):
+            if k is None:  # unclamped: the largest |p| must stay below cap + 0.5
+                if cmax * (1 + eps) >= cap + 0.5 - 1e-3:
+                    return None
+            elif not (k * cmax * (1 + eps) < cap + 0.5 - 1e-3 and k * cmin * (1 - eps) > cap - 0.5 + 1e-3):
+                return None
+        for s in range(lo_step, hi_step + 1):
+            out[s] = (kp, kn)
+        lo_step = hi_step + 1
+    return out
+
+
+def make_qx_quants(
+    x: np.ndarray, nmax: int, w: np.ndarray, levels: bool = True, amax_mx: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Port of make_qx_quants with rmse_type 1 (weights w: qw, or x*x when the C caller passes NULL).
 
-    x, w: (P, S) position-major. Returns (scale (S,), L (P, S) int32 in [0, 2*nmax))."""
-    amax, mx = abs_max_pm(x)
+    x, w: (P, S) position-major; amax_mx: abs_max_pm(x) if the caller has it. Returns (scale (S,), L (P, S)
+    int32 in [0, 2*nmax)), or with levels=False (scale, iscale (S,)) where iscale is the winning candidate
+    (qx_levels rebuilds L from it, as C does).
+
+    Each of the 19 candidate scales costs four passes over the data on finite input: multiply and rint for the
+    levels (the clamp folded into qx_unclamped_levels) and the two fused column sums of dot_pm."""
+    amax, mx = abs_max_pm(x) if amax_mx is None else amax_mx
     zero = amax < GROUP_MAX_EPS
-    mx = np.where(zero, F32(1), mx)
-    nm = F32(nmax)
+    mx = mx.copy()
+    mx[zero] = 1
     wx = w * x
-    buf = np.empty_like(x)
     lbuf = np.empty_like(x)
 
     finite = bool(np.isfinite(x).all())  # scales handed in by Q3_K's impl can be inf/NaN
+    unclamped = qx_unclamped_levels(x, mx, nmax) if finite else None
 
-    def levels(iscale):
-        # |iscale*x| <= nmax+1 for finite x, so rint is nearest_int; l stays float for the weighted sums.
-        np.multiply(x, iscale, out=lbuf)
-        if finite:
-            np.rint(lbuf, out=lbuf)
-            return np.clip(lbuf, -nm, nm - 1, out=lbuf)
-        lbuf[...] = np.clip(nint(lbuf), -nmax, nmax - 1)
-        return lbuf
+    def trial(step, iscale):
+        if unclamped is not None:
+            unclamped(step, out=lbuf)
+        else:
+            qx_levels(x, iscale, nmax, finite, out=lbuf)
+        return dot_pm(wx, lbuf), dot_pm(w, lbuf, lbuf)
 
-    def trial(iscale):
-        levels(iscale)
-        sumlx = seqsum(np.multiply(wx, lbuf, out=buf))
-        np.multiply(w, lbuf, out=buf)
-        suml2 = seqsum(np.multiply(buf, lbuf, out=buf))
-        return sumlx, suml2
-
-    iscale = -nm / mx
-    sumlx, suml2 = trial(iscale)
-    scale = np.where(suml2 != 0, sumlx / suml2, ZERO)
-    best = scale * sumlx
-    best_is = iscale.copy()
-    for step in range(-9, 10):
-        if step == 0:
+    best = scale = best_is = None
+    for step in _QX_STEPS:
+        isc = -_qx_c(nmax, step) / mx
+        sumlx, suml2 = trial(step, isc)
+        if best is None:
+            scale = sumlx / suml2  # C: suml2 ? sumlx/suml2 : 0
+            scale[suml2 == 0] = 0
+            best = scale * sumlx
+            best_is = isc
             continue
-        isc = -(nm + F32(0.1) * F32(step)) / mx
-        sumlx, suml2 = trial(isc)
         k = np.flatnonzero((suml2 > 0) & (sumlx * sumlx > best * suml2))
         if k.size:
-            scale[k] = sumlx[k] / suml2[k]
-            best[k] = scale[k] * sumlx[k]
+            sl = sumlx[k]
+            sk = sl / suml2[k]
+            scale[k] = sk
+            best[k] = sk * sl
             best_is[k] = isc[k]
+    scale[zero] = 0
+    if not levels:
+        return scale, best_is
     # C rebuilds L from the winning iscale, so recomputing it once at the end gives the same levels.
-    L = levels(best_is).astype(np.int32) + nmax
+    L = qx_levels(x, best_is, nmax, finite).astype(np.int32) + nmax
     L[:, zero] = 0
-    scale = np.where(zero, ZERO, scale)
     return scale, L
+
+
+def qx_unclamped_levels(x: np.ndarray, mx: np.ndarray, nmax: int):
+    """For finite x (P, S) and each group's max mx (nonzero): a function step -> the float32 levels
+    MAX(-nmax, MIN(nmax-1, nearest_int(x * (-(nmax + 0.1f*step)/mx)))), computed as a multiply and a rint only:
+    x is limited once per clamp class instead (see _qx_clip_classes). None if the classes do not apply to nmax.
+
+    The clamped classes work on y = x*sign(max) with iscale -c/|max|: every step of C's nearest_int(x*(-c/max))
+    is sign-symmetric, so the product is the same float, and on y max's side (levels <= 0, clamp at -nmax) is
+    y > 0, the other side (clamp at nmax-1) y < 0: the limits become plain lower/upper bounds per group."""
+    classes = _qx_clip_classes(nmax)
+    if classes is None:
+        return None
+    amx = np.abs(mx)
+    y = x * np.sign(mx)
+    inputs = {(None, None): (x, mx)}
+    for key in set(classes.values()) - {(None, None)}:
+        kp, kn = key
+        yk = np.maximum(y, -(F32(kp) * amx))
+        if kn is not None:
+            np.minimum(yk, F32(kn) * amx, out=yk)
+        inputs[key] = (yk, amx)
+    del y
+
+    def levels(step: int, out: np.ndarray | None = None) -> np.ndarray:
+        arr, den = inputs[classes[step]]
+        # |iscale*x| <= nmax+1 for finite x, so rint is nearest_int
+        t = np.multiply(arr, -_qx_c(nmax, step) / den, out=out)
+        return np.rint(t, out=t)
+
+    return levels
+
+
+def qx_levels(x: np.ndarray, iscale: np.ndarray, nmax: int, finite: bool = True, out=None) -> np.ndarray:
+    """MAX(-nmax, MIN(nmax-1, nearest_int(iscale*x))) as float32 (without make_qx_quants' +nmax offset)."""
+    t = np.multiply(x, iscale, out=out)
+    if finite:
+        np.rint(t, out=t)
+        return np.clip(t, -F32(nmax), F32(nmax - 1), out=t)
+    t[...] = np.clip(nint(t), -nmax, nmax - 1)
+    return t
 
 
 # ------------------------------------------------------------------------------------ coordinate descent
@@ -271,10 +422,8 @@ def make_qkx_quants(
         np.add(d, m, out=d)
         np.subtract(d, x, out=d)
         if use_mad:
-            np.abs(d, out=d)
-        else:
-            np.multiply(d, d, out=d)
-        return seqsum(np.multiply(d, w, out=d))
+            return dot_pm(np.abs(d, out=d), w)  # w*|d|
+        return dot_pm(d, d, w)  # w*(d*d)
 
     # (iscale, min) that produced the kept levels, to rebuild them once at the end
     best_is, best_lm, cur_min = iscale.copy(), mn.copy(), mn.copy()
@@ -285,10 +434,9 @@ def make_qkx_quants(
         if any_flat:
             isc[flat] = 0  # flat groups never take a trial; keep them off the exact path
         lev = levels(isc, cur_min)
-        wl = w * lev
-        sum_l = seqsum(wl)
-        sum_l2 = seqsum(np.multiply(wl, lev, out=buf))
-        sum_xl = seqsum(np.multiply(wl, x, out=buf))
+        sum_l = dot_pm(w, lev)  # w*l
+        sum_l2 = dot_pm(w, lev, lev)  # w*l*l
+        sum_xl = dot_pm(w, lev, x)  # w*l*x
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -349,17 +497,22 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def run_blocks(x: np.ndarray, qw: np.ndarray | None, block_fn, block_bytes: int, chunk_blocks: int) -> np.ndarray:
+def run_blocks(
+    x: np.ndarray, qw: np.ndarray | None, block_fn, block_bytes: int, chunk_blocks: int, qw_chunk=None
+) -> np.ndarray:
     """Apply block_fn(x_chunk (cb, B), qw_chunk | None) -> (cb, block_bytes) uint8 over the blocks of x (nb, B)
     in batches of chunk_blocks. qw: None, or a (period, B) table where block i uses row i % period (the
-    imatrix of one row repeats for every row; pass period = nb for per-block weights)."""
+    imatrix of one row repeats for every row; pass period = nb for per-block weights). qw_chunk(c0, c1), if
+    given, builds the weights block_fn gets for blocks c0..c1 instead (in whatever layout it wants)."""
     nb = x.shape[0]
     out = np.empty((nb, block_bytes), np.uint8)
     with np.errstate(all="ignore"):
         for c0 in range(0, nb, chunk_blocks):
             c1 = min(nb, c0 + chunk_blocks)
             qc = None
-            if qw is not None:
+            if qw_chunk is not None:
+                qc = qw_chunk(c0, c1)
+            elif qw is not None:
                 qc = qw[c0:c1] if len(qw) == nb else qw.take(np.arange(c0, c1) % len(qw), axis=0)
             out[c0:c1] = block_fn(x[c0:c1], qc)
     return out
