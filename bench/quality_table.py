@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from engine.evaluate import canvas_inputs, canvas_logits, divergence, task_accuracy  # noqa: E402
 from engine.run import load  # noqa: E402
 from engine.sort_task import evaluation_set  # noqa: E402
+from gguf_tools.atomic import atomic_path  # noqa: E402
 from gguf_tools.convert import convert  # noqa: E402
 from gguf_tools.reader import GGUFFile  # noqa: E402
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"README.md has no {BEGIN} ... {END} section", file=sys.stderr)
             return 1
         head, rest = text.split(BEGIN, 1)
-        readme.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+        with atomic_path(readme) as tmp:
+            tmp.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
     return 0
 
 

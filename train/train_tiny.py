@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -128,11 +130,20 @@ def train_step(model, prompt, clean, gen: torch.Generator, eps: float, sc_prob: 
 
 
 def save(model, tokenizer_corpus_text: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
+    """Write into a sibling temporary folder and swap it in, so a killed save leaves the previous
+    model (or nothing), never a half-written one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
     model.to(torch.float32)
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-    write_tiny_tokenizer(out, VOCAB, tokenizer_corpus_text)
+    (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    write_tiny_tokenizer(tmp, VOCAB, tokenizer_corpus_text)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

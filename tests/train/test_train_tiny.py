@@ -25,6 +25,8 @@ def train(out: Path, seed: int) -> bytes:
 def test_rerun_from_seed_is_identical_and_in_released_layout(tmp_path):
     a, b, c = train(tmp_path / "a", 0), train(tmp_path / "b", 0), train(tmp_path / "c", 1)
     assert a == b and a != c
+    train(tmp_path / "a", 0)  # saving over an existing model swaps folders and leaves nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert cfg["architectures"] == ["DiffusionGemmaForBlockDiffusion"] and cfg["model_type"] == "diffusion_gemma"
     for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
