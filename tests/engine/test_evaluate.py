@@ -7,17 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-import cli
 from engine.evaluate import divergence
 from gguf_tools import convert as conv
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
+from tests.cli_helpers import invoke
 
 
 def test_divergence_matches_a_direct_computation():

@@ -9,27 +9,11 @@ from __future__ import annotations
 
 import json
 
-from typer.testing import CliRunner
-
-import cli
 from engine.placement import is_expert, parse_bytes, plan_for
+from tests.cli_helpers import invoke, one_line_error
 
 GIB = 2**30
 CTX = "32768"
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in err, err
 
 
 def plan_json(*args) -> dict:

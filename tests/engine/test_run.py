@@ -11,19 +11,12 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize as gguf_quantize
-from typer.testing import CliRunner
 
-import cli
 from engine.model import DiffusionGemmaModel
 from engine.run import RunOptions, run_prompt
 from gguf_tools import convert as conv
 from gguf_tools.arch import GEMMA4_ARCH
-
-runner = CliRunner()
-
-
-def invoke(*args, env=None):
-    return runner.invoke(cli.app, [str(a) for a in args], env=env)
+from tests.cli_helpers import invoke
 
 
 def one_line_error(result, *needles):

@@ -16,31 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-import cli
 import engine.run as run_mod
 from engine import plan_cli
 from engine.model import DiffusionGemmaModel
 from engine.placement import PlacementError, fixed_buffers, kv_entries
 from gguf_tools import convert as conv
 from gguf_tools.reader import GGUFFile
+from tests.cli_helpers import invoke, one_line_error
 
-runner = CliRunner()
 HUGE_CTX = 2**31
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in err, err
 
 
 @pytest.fixture(scope="module")
