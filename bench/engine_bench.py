@@ -36,8 +36,8 @@ g = torch.Generator().manual_seed(0)
 prompt = torch.randint(200, 262144, (P,), generator=g)
 canvas = torch.randint(200, 262144, (C,), generator=g)
 sc = torch.randn(C, 262144, generator=g) * 3
-def timed(fn):
-    fn()  # warm-up: page faults, allocator
+def timed(fn, warm_up=None):
+    (warm_up or fn)()  # page faults, allocator, kernel selection
     out = []
     for _ in range(REPS):
         t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
@@ -50,25 +50,32 @@ m = DiffusionGemmaModel(sys.argv[1])
 def prefill():
     m.encode(prompt, m.new_cache())
 cache = m.new_cache(); m.encode(prompt, cache)
-def step():
-    m.decode(canvas, cache, sc)
+soft = m.soft_embedding(sc)  # what the previous step handed over
+def step():  # what generation runs per step: logits and the next step's soft embedding, one table pass
+    m.decode_step(canvas, cache, soft, temperature=1.0)
 print(json.dumps({"prefill_s": timed(prefill), "step_s": timed(step)}))
 """
 
 HF = COMMON + """
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
-m = DiffusionGemmaForBlockDiffusion.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+dtype = getattr(torch, sys.argv[5])
+m = DiffusionGemmaForBlockDiffusion.from_pretrained(sys.argv[1], dtype=dtype).eval()
 def prefill():
     with torch.no_grad():
         m.model.encoder(input_ids=prompt[None], past_key_values=DynamicCache(config=m.config.text_config))
 cache = DynamicCache(config=m.config.text_config)
 with torch.no_grad():
     m.model.encoder(input_ids=prompt[None], past_key_values=cache)
-def step():
+sc_in = sc[None].to(dtype)
+def step(n=C):
     with torch.no_grad():
-        m(decoder_input_ids=canvas[None], past_key_values=cache, self_conditioning_logits=sc[None].bfloat16())
-print(json.dumps({"prefill_s": timed(prefill), "step_s": timed(step)}))
+        m(decoder_input_ids=canvas[None, :n], past_key_values=cache, self_conditioning_logits=sc_in[:, :n])
+# The step's warm-up runs the same kernels on a 16-position canvas: in bf16 on a CPU without native
+# bf16 one full step takes over half an hour (see BENCHMARKS.md), and transformers holds its weights
+# in RAM, so there are no page faults for a full-size warm-up to absorb.
+print(json.dumps({"prefill_s": timed(prefill), "step_s": timed(step, warm_up=lambda: step(16))}))
 """
+
 
 LLAMA = COMMON + """
 import llama_cpp
@@ -86,9 +93,9 @@ print(json.dumps({"prefill_s": timed(prefill), "step_s": timed(step)}))
 """
 
 
-def run(code: str, model: Path, threads: int, prompt: int, reps: int) -> dict:
+def run(code: str, model: Path, threads: int, prompt: int, reps: int, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error")
-    res = subprocess.run([sys.executable, "-c", code, str(model), str(threads), str(prompt), str(reps)],
+    res = subprocess.run([sys.executable, "-c", code, str(model), str(threads), str(prompt), str(reps), *extra],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"benchmark child failed:\n{res.stderr[-3000:]}")
@@ -106,6 +113,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--hf-dtypes", default="float32,bfloat16",
+                    help="dtypes transformers is timed in, comma-separated torch names")
     ap.add_argument("--prepare-only", action="store_true", help="build and convert the model, time nothing")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dg-engine-bench-"))
@@ -131,24 +140,33 @@ def main() -> None:
         llama = run(LLAMA, files[GEMMA4_ARCH, type_name], args.threads, args.prompt, args.reps)
         rows.append((type_name, ours, llama))
         print(type_name, ours, llama, file=sys.stderr)
-    hf = run(HF, src, args.threads, args.prompt, args.reps)
-    print("transformers bf16", hf, file=sys.stderr)
+    hf = {}
+    for dtype in args.hf_dtypes.split(","):
+        hf[dtype] = run(HF, src, args.threads, args.prompt, args.reps, dtype)
+        print("transformers", dtype, hf[dtype], file=sys.stderr)
     print(f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} threads for every engine; "
           f"Python {platform.python_version()}")
     print(f"Model: synthetic {args.layers}-layer DiffusionGemma at full width (vocab 262144, hidden 2816, 128 experts "
           f"top-8); prefill {args.prompt} tokens; step = decoder over a 256-token canvas with self-conditioning, "
-          "full-vocabulary logits. Median of "
-          f"{args.reps} after a warm-up. Ratio = peer time / our time (above 1: we are faster).\n")
-    print("| weights | ours prefill tok/s | ours step s | llama.cpp prefill tok/s | llama.cpp 256-token batch s | "
-          "transformers bf16 prefill tok/s | transformers bf16 step s | prefill ratio vs llama.cpp / transformers | "
-          "step ratio vs llama.cpp / transformers |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"full-vocabulary logits. Median of {args.reps} after a warm-up.\n")
     p = args.prompt
+    print("| engine | weights | prefill tok/s | step s |")
+    print("|---|---|---:|---:|")
+    for type_name, ours, _llama in rows:
+        print(f"| diffgemma | {type_name} | {p / ours['prefill_s']:.1f} | {ours['step_s']:.2f} |")
+    for type_name, _ours, llama in rows:
+        print(f"| llama.cpp (256-token causal batch as step) | {type_name} | {p / llama['prefill_s']:.1f} | "
+              f"{llama['step_s']:.2f} |")
+    for dtype, t in hf.items():
+        print(f"| transformers | {dtype} | {p / t['prefill_s']:.1f} | {t['step_s']:.2f} |")
+    print("\nRatio = peer time / our time (above 1: we are faster).\n")
+    print("| ours | peer | prefill ratio | step ratio |")
+    print("|---|---|---:|---:|")
     for type_name, ours, llama in rows:
-        print(f"| {type_name} | {p / ours['prefill_s']:.1f} | {ours['step_s']:.2f} | {p / llama['prefill_s']:.1f} | "
-              f"{llama['step_s']:.2f} | {p / hf['prefill_s']:.1f} | {hf['step_s']:.2f} | "
-              f"{llama['prefill_s'] / ours['prefill_s']:.2f} / {hf['prefill_s'] / ours['prefill_s']:.2f} | "
-              f"{llama['step_s'] / ours['step_s']:.2f} / {hf['step_s'] / ours['step_s']:.2f} |")
+        peers = [(f"llama.cpp {type_name}", llama)] + [(f"transformers {d}", t) for d, t in hf.items()]
+        for name, t in peers:
+            print(f"| {type_name} | {name} | {t['prefill_s'] / ours['prefill_s']:.2f} | "
+                  f"{t['step_s'] / ours['step_s']:.2f} |")
 
 
 if __name__ == "__main__":

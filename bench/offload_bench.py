@@ -53,7 +53,7 @@ from engine.placement import (
     fmt_bytes,
     plan_placement,
 )
-from engine.weights import WeightStore, dequantize
+from engine.weights import WeightStore, dequantize, quantized_linear
 from gguf_tools.arch import ArchSpec
 from gguf_tools.convert import plan_conversion
 from gguf_tools.reader import GGUFFile, TensorInfo
@@ -225,6 +225,10 @@ def full_layer_cpu_cost(threads: int, reps: int) -> dict:
         a = dequantize(gu[e], Q.Q4_K)
         return a[:F], a[F:], dequantize(down[e], Q.Q5_0)
 
+    def mlp(e: int, x: torch.Tensor) -> torch.Tensor:  # what the engine runs: blocked dequantize + matmul
+        a = quantized_linear(x, gu[e], Q.Q4_K)
+        return quantized_linear(torch.nn.functional.gelu(a[:, :F], approximate="tanh") * a[:, F:], down[e], Q.Q5_0)
+
     dq = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -234,11 +238,10 @@ def full_layer_cpu_cost(threads: int, reps: int) -> dict:
     tot = []
     for _ in range(reps):
         t = time.perf_counter()
-        grouped_experts(u, top_i, top_w, E, fetch)
+        grouped_experts(u, top_i, top_w, E, mlp)
         tot.append(time.perf_counter() - t)
     n_bytes = gu.numel() + down.numel()
-    return {"layer_bytes": n_bytes, "threads": threads, "dequant_ms": 1e3 * min(dq), "total_ms": 1e3 * min(tot),
-            "matmul_ms": 1e3 * (min(tot) - min(dq))}
+    return {"layer_bytes": n_bytes, "threads": threads, "dequant_ms": 1e3 * min(dq), "total_ms": 1e3 * min(tot)}
 
 
 def main() -> None:
@@ -331,8 +334,7 @@ def main() -> None:
         lc = full_layer_cpu_cost(torch.get_num_threads(), 2)
         result["full_layer_cpu"] = lc
         print(f"\nfull-size expert layer on this CPU ({lc['threads']} threads, {fmt_bytes(lc['layer_bytes'])} stored): "
-              f"{lc['total_ms']:.0f} ms per step (dequantize {lc['dequant_ms']:.0f} ms, "
-              f"matmuls {lc['matmul_ms']:.0f} ms)",
+              f"{lc['total_ms']:.0f} ms per step (dequantizing alone, whole experts: {lc['dequant_ms']:.0f} ms)",
               flush=True)
     log("done")
     if args.json:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .generate import ModelRunner, generate
-from .run import EngineError, LoadedModel, load, resolve_device
+from .run import EngineError, LoadedModel, load, resolve_device, sampler_kwargs
 from .sort_task import Example, evaluation_set, is_correct
 
 NOISE_LEVELS = (1.0, 0.75, 0.5, 0.25)
@@ -102,15 +102,12 @@ def task_accuracy(lm: LoadedModel, examples: Sequence[Example], seed: int,
     figure does not depend on how many prompts run or in which order."""
     tok, spec = lm.tokenizer, lm.model.spec
     assert tok is not None
-    s = spec.sampler
     right = 0
     for i, ex in enumerate(examples):
         ids = tok.apply_chat([{"role": "user", "content": ex.prompt}])
         gen = torch.Generator(device=lm.model.device).manual_seed(seed + i)
-        result = generate(ModelRunner(lm.model), torch.tensor(ids, dtype=torch.long), max_new_tokens=s.max_new_tokens,
-                          steps=s.max_steps, entropy_bound=s.entropy_bound, t_min=s.t_min, t_max=s.t_max,
-                          stability_threshold=s.stability_threshold, confidence_threshold=s.confidence_threshold,
-                          eos_ids=spec.eos_token_ids, pad_id=spec.pad_token_id, generator=gen)
+        result = generate(ModelRunner(lm.model), torch.tensor(ids, dtype=torch.long),
+                          max_new_tokens=spec.sampler.max_new_tokens, generator=gen, **sampler_kwargs(spec))
         ok = is_correct(ex, tok.decode([int(t) for t in result.tokens.tolist()]))
         right += ok
         if on_example is not None:

@@ -32,34 +32,9 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from .model import DiffusionGemmaModel, grouped_experts
+from .model import DiffusionGemmaModel, cpu_expert_workers, expert_mlp, grouped_experts
 from .placement import STAGING_CHUNK, CostModel, PlacementError, Plan, expert_layer_flops
 from .weights import WeightStore, dequantize
-
-
-def _expert_names(store: WeightStore, layer: int) -> list[str]:
-    p = f"blk.{layer}."
-    gu = [p + "ffn_gate_up_exps.weight"] if store.fused_gate_up[layer] else [p + "ffn_gate_exps.weight",
-                                                                            p + "ffn_up_exps.weight"]
-    return gu + [p + "ffn_down_exps.weight"]
-
-
-def expert_weights(store: WeightStore, layer: int, e: int, raw_of: Callable[[str], torch.Tensor],
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gate, up, down) of expert `e`, dequantized from the raw 3-D tensors `raw_of(name)` gives,
-    as WeightStore.expert / expert_gate_up do it."""
-    p = f"blk.{layer}."
-
-    def one(name: str) -> torch.Tensor:
-        return dequantize(raw_of(name)[e], store.info(name).qtype).to(dtype)
-
-    if store.fused_gate_up[layer]:
-        gu = one(p + "ffn_gate_up_exps.weight")
-        f = gu.shape[0] // 2
-        gate, up = gu[:f], gu[f:]
-    else:
-        gate, up = one(p + "ffn_gate_exps.weight"), one(p + "ffn_up_exps.weight")
-    return gate, up, one(p + "ffn_down_exps.weight")
 
 
 def _check_tensor(store: WeightStore, name: str, n_bytes: int) -> None:
@@ -168,10 +143,10 @@ class ExpertExecutor:
         ti, tw = top_i.to(cpu), top_w.to(cpu)
         store = self.store
 
-        def fetch(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return expert_weights(store, layer, e, lambda name: store.raw(name, cpu), self.cpu_dtype)
-
-        out = grouped_experts(uc, ti, tw, self.n_experts, fetch).to(self.device, u.dtype)
+        out = grouped_experts(uc, ti, tw, self.n_experts,
+                              lambda e, x: expert_mlp(store, layer, e, x, lambda name: store.raw(name, cpu)),
+                              workers=cpu_expert_workers(cpu))
+        out = out.to(self.device, u.dtype)
         self.stats["cpu_layer_calls"] += 1
         self.stats["cpu_s"] += time.perf_counter() - t0
         return out
@@ -190,7 +165,7 @@ class ExpertExecutor:
             return v if v is not None else store.raw(name, dev)  # a resident part of a partly offloaded layer
 
         out = grouped_experts(u, top_i, top_w, self.n_experts,
-                              lambda e: expert_weights(store, layer, e, raw_of, self.dtype))
+                              lambda e, x: expert_mlp(store, layer, e, x, raw_of))
         if self._copy_stream is not None:
             self._free[s].record(torch.cuda.current_stream(self.device))
         self.stats["stream_layer_calls"] += 1
@@ -394,5 +369,5 @@ def measure_costs(device: torch.device | str, spec=None, qtype: Q = Q.Q4_K, quic
                      source=f"measured on {dev.type}")
 
 
-__all__ = ["ExpertExecutor", "HostTensorStore", "attach_plan", "detach", "expert_layer_flops", "expert_weights",
+__all__ = ["ExpertExecutor", "HostTensorStore", "attach_plan", "detach", "expert_layer_flops", "expert_mlp",
            "grouped_experts", "measure_costs", "measure_link", "synthetic_blocks"]

@@ -44,7 +44,7 @@ from gguf_tools.arch import ArchSpec
 MIB = 1 << 20
 DEFAULT_RESERVE = 512 * MIB  # CUDA context, cuBLAS workspace, caching-allocator slack
 DEFAULT_CANVAS_PREFILL_CHUNK = 256
-DEFAULT_VOCAB_CHUNK = 32768  # DiffusionGemmaModel.vocab_chunk
+DEFAULT_VOCAB_CHUNK = 32768  # engine.model.VOCAB_CHUNK, the largest chunk the model uses (CPU uses less)
 STAGING_CHUNK = 64 * MIB  # one pinned staging buffer (two are used, double-buffered)
 STREAM_SLOTS = 2  # device buffers for streamed expert layers: the current one and the prefetched next
 MIN_STREAM_LAYERS = 3  # with two slots, fewer streamed layers would save no VRAM

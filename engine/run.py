@@ -52,6 +52,20 @@ class RunOptions:
     override_tensor: tuple[str, ...] = ()
 
 
+def sampler_kwargs(spec: Any, opts: RunOptions | None = None) -> dict[str, Any]:
+    """generate()'s sampler keywords: the file's diffusion.* defaults, overridden where `opts` sets one."""
+    s = spec.sampler
+
+    def pick(name: str, default: Any) -> Any:
+        given = getattr(opts, name, None)
+        return default if given is None else given
+
+    return dict(steps=pick("steps", s.max_steps), entropy_bound=pick("entropy_bound", s.entropy_bound),
+                t_min=pick("t_min", s.t_min), t_max=pick("t_max", s.t_max),
+                stability_threshold=s.stability_threshold, confidence_threshold=s.confidence_threshold,
+                eos_ids=spec.eos_token_ids, pad_id=spec.pad_token_id)
+
+
 @dataclass
 class RunResult:
     text: str
@@ -178,7 +192,6 @@ def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, d
               on_text: Callable[[str], None] | None, on_step: Callable[[StepInfo], None] | None) -> RunResult:
     spec, tok = lm.model.spec, lm.tokenizer
     assert tok is not None
-    s = spec.sampler
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     runner = _TimedRunner(lm.model)
     emitted: list[int] = []
@@ -194,14 +207,8 @@ def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, d
 
     t0 = time.perf_counter()
     result: GenerationResult = generate(
-        runner, torch.tensor(ids, dtype=torch.long), max_new_tokens=max_new,
-        steps=opts.steps if opts.steps is not None else s.max_steps,
-        entropy_bound=opts.entropy_bound if opts.entropy_bound is not None else s.entropy_bound,
-        t_min=opts.t_min if opts.t_min is not None else s.t_min,
-        t_max=opts.t_max if opts.t_max is not None else s.t_max,
-        stability_threshold=s.stability_threshold, confidence_threshold=s.confidence_threshold,
-        eos_ids=spec.eos_token_ids, pad_id=spec.pad_token_id, generator=generator, on_step=on_step,
-        on_canvas=canvas_done)
+        runner, torch.tensor(ids, dtype=torch.long), max_new_tokens=max_new, generator=generator,
+        on_step=on_step, on_canvas=canvas_done, **sampler_kwargs(spec, opts))
     total = time.perf_counter() - t0
     tokens = [int(t) for t in result.tokens.tolist()]
     decode_s = max(total - runner.prefill_s, 1e-9)

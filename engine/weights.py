@@ -40,6 +40,28 @@ def dequantize(raw: torch.Tensor, qtype: Q) -> torch.Tensor:
     return out.reshape(*raw.shape[:-1], raw.shape[-1] // size * block)
 
 
+# On CPU a matrix is dequantized about this many bytes (in the compute dtype) at a time and each
+# block is multiplied while it is still in cache. Dequantizing the whole matrix first writes it to
+# DRAM as fp32 and reads it back (10 bytes of traffic per F16 weight instead of 2), which made
+# small-batch work (prefill chunks, the experts of a denoising step) memory-bound.
+CPU_BLOCK_BYTES = 2 << 20
+
+
+def quantized_linear(x: torch.Tensor, raw: torch.Tensor, qtype: Q, block_bytes: int | None = None
+                     ) -> torch.Tensor:
+    """x [n, cols] @ W.T in x's dtype, for W [rows, cols] given as stored rows `raw` [rows, row_bytes]
+    of `qtype` on x's device. Off the CPU the whole matrix is dequantized at once."""
+    rows = raw.shape[0]
+    block_bytes = block_bytes or CPU_BLOCK_BYTES
+    step = rows if x.device.type != "cpu" else max(1, block_bytes // (x.shape[-1] * x.element_size()))
+    if step >= rows:
+        return x @ dequantize(raw, qtype).to(x.dtype).T
+    out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+    for s in range(0, rows, step):
+        torch.mm(x, dequantize(raw[s:s + step], qtype).to(x.dtype).T, out=out[:, s:s + step])
+    return out
+
+
 def _as_torch(a: np.ndarray) -> torch.Tensor:
     # the memory map is read-only; torch warns about that, but the engine never writes weights
     with warnings.catch_warnings():
@@ -157,21 +179,21 @@ class WeightStore:
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.raw(name, device)[start:stop], self.info(name).qtype).to(dtype)
 
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T for the 2-D weight `name`, on x's device and in x's dtype (see quantized_linear)."""
+        return quantized_linear(x, self.raw(name, x.device), self.info(name).qtype)
+
+    def expert_names(self, layer: int) -> tuple[str, ...]:
+        """(gate_up, down) for a fused file, (gate, up, down) for a split one."""
+        p = f"blk.{layer}."
+        gate_up = ((p + "ffn_gate_up_exps.weight",) if self.fused_gate_up[layer]
+                   else (p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"))
+        return (*gate_up, p + "ffn_down_exps.weight")
+
     def expert(self, name: str, e: int, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Slice `e` of a 3-D expert tensor [E, rows, cols] -> [rows, cols]."""
         return dequantize(self.raw(name, device)[e], self.info(name).qtype).to(dtype)
-
-    def expert_gate_up(self, layer: int, e: int, device: torch.device | str = "cpu",
-                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate [F, H], up [F, H]) of one expert, from the fused tensor (gate rows first) or the split pair."""
-        p = f"blk.{layer}."
-        if self.fused_gate_up[layer]:
-            gu = self.expert(p + "ffn_gate_up_exps.weight", e, device, dtype)
-            f = gu.shape[0] // 2
-            return gu[:f], gu[f:]
-        return (self.expert(p + "ffn_gate_exps.weight", e, device, dtype),
-                self.expert(p + "ffn_up_exps.weight", e, device, dtype))
 
     def layer_scale_name(self, layer: int, encoder: bool) -> str:
         enc = f"blk.{layer}.{ENC_SCALE}"
@@ -180,4 +202,4 @@ class WeightStore:
         return f"blk.{layer}.layer_output_scale.weight"
 
 
-__all__ = ["DEQUANTIZERS", "WeightStore", "dequantize"]
+__all__ = ["CPU_BLOCK_BYTES", "DEQUANTIZERS", "WeightStore", "dequantize", "quantized_linear"]

@@ -276,6 +276,64 @@ def test_bf16_compute_runs_close(tiny, inputs, hf_run):
         assert (got[key].argmax(-1) == hf_run[key].argmax(-1)).float().mean() >= 0.5, key
 
 
+# ---- blocked dequantize + matmul on CPU -------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q5_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("block_bytes", [4 * 64, 4 * 64 * 7, 1 << 30], ids=["1row", "7rows", "whole"])
+def test_quantized_linear_equals_whole_matrix_product(qtype, block_bytes):
+    """Blocks of rows (one row, a count that does not divide the 45 rows, all of them) give the
+    product of the whole dequantized matrix."""
+    from engine.weights import quantized_linear
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((45, 64)).astype(np.float32)
+    raw = torch.from_numpy(gguf_quantize(w, qtype)).view(torch.uint8).reshape(45, -1)
+    x = torch.from_numpy(rng.standard_normal((5, 64)).astype(np.float32))
+    want = x @ dequantize(raw, qtype).T
+    got = quantized_linear(x, raw, qtype, block_bytes=block_bytes)
+    assert got.shape == (5, 45) and got.is_contiguous()
+    assert rel(got, want) < 1e-6
+
+
+def test_blocked_engine_matches_transformers(tiny, inputs, hf_run, monkeypatch):
+    """With blocks of a few rows everywhere (the CPU path every full-size matrix takes), the engine
+    still matches transformers; the spy checks that no expert or dense matrix was dequantized whole."""
+    import engine.weights as weights
+
+    seen: list[int] = []
+    real = weights.dequantize
+
+    def spy(raw, qtype):
+        seen.append(raw.shape[0] if raw.dim() == 2 else -1)
+        return real(raw, qtype)
+
+    monkeypatch.setattr(weights, "CPU_BLOCK_BYTES", 4 * 64 * 3)  # 3 rows of the 64-wide hidden size
+    monkeypatch.setattr(weights, "dequantize", spy)
+    got, _ = engine_run(tiny[2], inputs, hf_run["sc"])
+    for key in got:
+        assert rel(got[key], hf_run[key]) < TOL, key
+    spec = tiny[1]
+    assert 3 in seen and 2 * spec.expert_feed_forward_length not in seen and spec.feed_forward_length not in seen
+
+
+def test_expert_worker_threads_match_transformers(tiny, inputs, hf_run):
+    """With several torch threads the CPU experts run on a worker pool (engine.model._expert_pool);
+    the logits are still transformers', and the pool really ran."""
+    import engine.model as model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model._POOLS.pop(2, None)
+        got, _ = engine_run(tiny[2], inputs, hf_run["sc"])
+        assert 2 in model._POOLS
+        assert torch.get_num_threads() == 2  # the workers' single-thread setting stays theirs
+    finally:
+        torch.set_num_threads(n)
+    for key in got:
+        assert rel(got[key], hf_run[key]) < TOL, key
+
+
 # ---- chunked prefill -------------------------------------------------------------------------------
 
 def test_chunked_prefill_equals_unchunked(tiny, inputs):

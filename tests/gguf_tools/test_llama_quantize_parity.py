@@ -82,6 +82,17 @@ def captured_llama_log() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(llama_log_callback, C.c_void_p(0))  # llama-cpp-python's own logger
 
 
+def terminated_array(struct, items: Sequence, fill, end_field: str, end_value, keep: list[object]):
+    """A C array of `struct` filled from `items` plus the terminating entry llama.cpp scans for, as
+    the pointer its params field takes; `keep` holds it alive until the call returns."""
+    arr = (struct * (len(items) + 1))()
+    for i, item in enumerate(items):
+        fill(arr[i], item)
+    setattr(arr[len(items)], end_field, end_value)
+    keep.append(arr)
+    return C.cast(arr, C.POINTER(struct))
+
+
 def llama_quantize(inp: Path, out: Path, preset: str, imatrix: dict[str, np.ndarray] | None = None,
                    overrides: Sequence[tuple[str, Q]] = (), pure: bool = False,
                    kv: Sequence[tuple[str, object]] = (), dry_run: bool = False) -> str:
@@ -93,37 +104,27 @@ def llama_quantize(inp: Path, out: Path, preset: str, imatrix: dict[str, np.ndar
     p.dry_run = dry_run
     keep: list[object] = []
     if imatrix is not None:
-        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(sorted(imatrix.items())):
-            v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-            keep.append(v)
-            arr[i].name = name.encode()
-            arr[i].data = v.ctypes.data_as(C.POINTER(C.c_float))
-            arr[i].size = v.size
-        arr[len(imatrix)].name = None
-        p.imatrix = C.cast(arr, C.POINTER(llama_cpp.llama_model_imatrix_data))
-        keep.append(arr)
+        values = {n: np.ascontiguousarray(v, dtype=np.float32).reshape(-1) for n, v in sorted(imatrix.items())}
+        keep.extend(values.values())
+
+        def fill_imatrix(e, item):
+            e.name, e.data, e.size = item[0].encode(), item[1].ctypes.data_as(C.POINTER(C.c_float)), item[1].size
+        p.imatrix = terminated_array(llama_cpp.llama_model_imatrix_data, list(values.items()), fill_imatrix,
+                                     "name", None, keep)
     if overrides:
-        tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
-        for i, (pattern, qtype) in enumerate(overrides):
-            tt[i].pattern = pattern.encode()
-            tt[i].type = int(qtype)
-        tt[len(overrides)].pattern = None
-        p.tt_overrides = C.cast(tt, C.POINTER(llama_cpp.llama_model_tensor_override))
-        keep.append(tt)
+        def fill_override(e, item):
+            e.pattern, e.type = item[0].encode(), int(item[1])
+        p.tt_overrides = terminated_array(llama_cpp.llama_model_tensor_override, overrides, fill_override,
+                                          "pattern", None, keep)
     if kv:
-        kvo = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
-        for i, (key, value) in enumerate(kv):
-            kvo[i].key = key.encode()
+        def fill_kv(e, item):
+            key, value = item
+            e.key = key.encode()
             if isinstance(value, str):
-                kvo[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-                kvo[i].value.val_str = value.encode()[:127]
+                e.tag, e.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
             else:
-                kvo[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-                kvo[i].value.val_i64 = int(value)
-        kvo[len(kv)].key = b""
-        p.kv_overrides = C.cast(kvo, C.POINTER(llama_cpp.llama_model_kv_override))
-        keep.append(kvo)
+                e.tag, e.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(value)
+        p.kv_overrides = terminated_array(llama_cpp.llama_model_kv_override, kv, fill_kv, "key", b"", keep)
     with captured_llama_log() as lines:
         rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), C.byref(p))
     log = "".join(lines)
