@@ -43,17 +43,23 @@ def _bits32(qh: torch.Tensor) -> torch.Tensor:
     return ((qh.reshape(n, 4, 1) >> _shifts(qh, *range(8)).reshape(1, 1, 8)) & 1).reshape(n, 32)
 
 
+# Float types widen as one flat vector: torch's conversion of the [n, 1] block view takes a
+# slower path (F16 -> F32 of 2.9M values: 3.7 ms as [n, 1], 1.3 ms flat, one thread).
+def _widen(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return raw.contiguous().view(-1).view(dtype).to(torch.float32).view(raw.shape[0], -1)
+
+
 def dequantize_blocks_F32(raw: torch.Tensor) -> torch.Tensor:
     return raw.contiguous().view(torch.float32)
 
 
 def dequantize_blocks_F16(raw: torch.Tensor) -> torch.Tensor:
-    return raw.contiguous().view(torch.float16).to(torch.float32)
+    return _widen(raw, torch.float16)
 
 
 def dequantize_blocks_BF16(raw: torch.Tensor) -> torch.Tensor:
     # gguf-py shifts the 16 bits into the top of an fp32 word; bf16 -> fp32 widening is the same.
-    return raw.contiguous().view(torch.bfloat16).to(torch.float32)
+    return _widen(raw, torch.bfloat16)
 
 
 def dequantize_blocks_Q8_0(raw: torch.Tensor) -> torch.Tensor:
