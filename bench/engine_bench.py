@@ -113,8 +113,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--hf-dtypes", default="float32,bfloat16",
-                    help="dtypes transformers is timed in, comma-separated torch names")
+    ap.add_argument("--hf-dtypes", default="float32,bfloat16:1",
+                    help="dtypes transformers is timed in, comma-separated torch names; NAME:N times that one "
+                         "N times instead of --reps (its bf16 step takes over half an hour on an AVX2 CPU)")
     ap.add_argument("--prepare-only", action="store_true", help="build and convert the model, time nothing")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dg-engine-bench-"))
@@ -141,14 +142,15 @@ def main() -> None:
         rows.append((type_name, ours, llama))
         print(type_name, ours, llama, file=sys.stderr)
     hf = {}
-    for dtype in args.hf_dtypes.split(","):
-        hf[dtype] = run(HF, src, args.threads, args.prompt, args.reps, dtype)
+    for item in args.hf_dtypes.split(","):
+        dtype, _, reps = item.partition(":")
+        hf[dtype] = run(HF, src, args.threads, args.prompt, int(reps or args.reps), dtype)
         print("transformers", dtype, hf[dtype], file=sys.stderr)
     print(f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} threads for every engine; "
           f"Python {platform.python_version()}")
     print(f"Model: synthetic {args.layers}-layer DiffusionGemma at full width (vocab 262144, hidden 2816, 128 experts "
           f"top-8); prefill {args.prompt} tokens; step = decoder over a 256-token canvas with self-conditioning, "
-          f"full-vocabulary logits. Median of {args.reps} after a warm-up.\n")
+          f"full-vocabulary logits. Median of {args.reps} after a warm-up (transformers: {args.hf_dtypes}).\n")
     p = args.prompt
     print("| engine | weights | prefill tok/s | step s |")
     print("|---|---|---:|---:|")

@@ -238,7 +238,7 @@ def full_layer_cpu_cost(threads: int, reps: int) -> dict:
     tot = []
     for _ in range(reps):
         t = time.perf_counter()
-        grouped_experts(u, top_i, top_w, E, mlp)
+        grouped_experts(u, top_i, top_w, E, mlp, workers=torch.get_num_threads())
         tot.append(time.perf_counter() - t)
     n_bytes = gu.numel() + down.numel()
     return {"layer_bytes": n_bytes, "threads": threads, "dequant_ms": 1e3 * min(dq), "total_ms": 1e3 * min(tot)}
@@ -256,12 +256,19 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=420.0, help="seconds; later configurations are skipped")
     ap.add_argument("--extra", default="cpu,staging", help="extra runs after the main sweep: cpu, staging, auto")
     ap.add_argument("--skip-layer-cost", action="store_true")
+    ap.add_argument("--layer-cost-only", action="store_true",
+                    help="only the CPU cost of one full-size expert layer (no model, no device)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--reference", type=Path, default=REFERENCE, help="folder with the released config.json")
     args = ap.parse_args()
     deadline = T0 + args.deadline
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layer_cost_only:
+        lc = full_layer_cpu_cost(torch.get_num_threads(), 2)
+        print(f"full-size expert layer on this CPU ({lc['threads']} threads, {fmt_bytes(lc['layer_bytes'])} stored): "
+              f"{lc['total_ms']:.0f} ms per step (dequantizing alone, whole experts: {lc['dequant_ms']:.0f} ms)")
+        return
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     config = args.config or ("full" if cuda else "mid")
