@@ -4,8 +4,7 @@ Everything comes from the checked parse of gguf_tools/validate.py: every count, 
 shape is checked against the file before anything is mapped or allocated. The key/values are
 those of that parse (about 1 us per array value, where gguf-py's reader builds a NumPy view per value
 at 20-40 us: 40 s for a 262k-token vocabulary with its merges), and the tensor views are the ones
-gguf-py would make (same dtypes and shapes) over one read-only memory map. gguf-py's own reader is
-still available as `_reader` (built on first use) for code that copies its fields verbatim.
+gguf-py would make (same dtypes and shapes) over one read-only memory map.
 
 Shapes are returned in NumPy order (outermost first); GGUF stores ``ne`` innermost first.
 """
@@ -13,12 +12,11 @@ Shapes are returned in NumPy order (outermost first); GGUF stores ``ne`` innermo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape
 
 from .arch import ArchSpec, SpecError
@@ -81,14 +79,6 @@ class GGUFFile:
         if dtype is not None:
             return raw.view(dtype).reshape(rec.shape)
         return raw.reshape(quant_shape_to_byte_shape(rec.shape, rec.ggml_type))
-
-    @cached_property
-    def _reader(self) -> GGUFReader:
-        """gguf-py's reader of the same (already validated) file, for verbatim field copies."""
-        try:
-            return GGUFReader(self.path, "r")
-        except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:
-            raise GGUFError(f"{self.path}: not a valid GGUF file ({_short(e)})") from None
 
     @property
     def architecture(self) -> str:
