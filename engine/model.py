@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -95,7 +96,7 @@ def grouped_experts(u: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor, n
     token = order // k
     weight = top_w.reshape(-1)[order]
     slots = torch.empty(flat.shape[0], u.shape[1], dtype=u.dtype, device=u.device)
-    starts = [sum(counts[:e]) for e in range(n_experts)]
+    starts = [0, *accumulate(counts)]
     jobs = [(e, starts[e], n) for e, n in enumerate(counts) if n]
 
     def run(part: list[tuple[int, int, int]]) -> None:
