@@ -3,7 +3,8 @@
 Each offloaded expert layer runs in the mode the plan chose for it:
 
 * "cpu": the routed rows of `u` go to the host, each routed expert is dequantized from the memory
-  map and applied with torch on the CPU (only the tokens routed to it), the summed result goes back.
+  map a block at a time and applied with torch on the CPU (only the tokens routed to it, the experts
+  shared out among worker threads as for resident CPU layers), the summed result goes back.
 * "stream": the layer's offloaded expert tensors (still in their stored, quantized type) are copied
   into one of two device slots on a side stream, then the experts run on the compute device exactly
   as resident ones do. Sources are either a pinned arena (the streamed tensors copied once into

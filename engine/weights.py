@@ -190,11 +190,6 @@ class WeightStore:
                    else (p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"))
         return (*gate_up, p + "ffn_down_exps.weight")
 
-    def expert(self, name: str, e: int, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Slice `e` of a 3-D expert tensor [E, rows, cols] -> [rows, cols]."""
-        return dequantize(self.raw(name, device)[e], self.info(name).qtype).to(dtype)
-
     def layer_scale_name(self, layer: int, encoder: bool) -> str:
         enc = f"blk.{layer}.{ENC_SCALE}"
         if encoder and self.has(enc):

@@ -102,7 +102,7 @@ def test_cuda_matches_cpu():
 # ---- an MXFP4_MOE file through the engine ----------------------------------------------------------
 
 def test_mxfp4_moe_model_runs(tiny_ckpt, tmp_path):
-    from engine.weights import WeightStore
+    from engine.weights import WeightStore, dequantize
 
     src = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt[0], src)
@@ -113,13 +113,14 @@ def test_mxfp4_moe_model_runs(tiny_ckpt, tmp_path):
     reader = GGUFReader(out)
     experts = [t for t in reader.tensors if t.name.endswith("_exps.weight")]
     assert experts and {Q(t.tensor_type) for t in experts} == {Q.MXFP4}
-    # the engine's expert slices are gguf-py's dequantization of the stored bytes
+    # the engine's expert slices (the store's raw view, row e, as expert_mlp hands it to
+    # quantized_linear) dequantize to gguf-py's dequantization of the stored bytes
     store = WeightStore(out)
     for t in experts:
         shape = store.info(t.name).shape
         want = gguf_dequantize(np.asarray(t.data), Q.MXFP4).reshape(shape)
         for e in range(shape[0]):
-            np.testing.assert_array_equal(store.expert(t.name, e).numpy(), want[e])
+            np.testing.assert_array_equal(dequantize(store.raw(t.name)[e], Q.MXFP4).numpy(), want[e])
     args = ["run", str(out), "Sort 3 1 2", "--max-new-tokens", "8", "--steps", "2", "--json", "--device", "cpu"]
     resident = runner.invoke(cli.app, args)
     offloaded = runner.invoke(cli.app, [*args, "--n-cpu-moe", "1"])
