@@ -1,0 +1,233 @@
+"""Dequantization of raw GGUF blocks inside a Triton kernel: `dequant_tile`, called by the GEMM,
+grouped-MoE and vocabulary kernels.
+
+Every element of the tile finds its block, its quant bits and its scale bytes itself (integer ops
+on [1, BLOCK_K] column offsets, broadcast over the rows). The float work is the same IEEE float32
+operations in the same order as gguf_tools/quants/torch_dequant.py (the bit-exact reference), so
+under the interpreter the values are bit-identical. On a GPU Triton may contract `a*b - c` into
+an FMA (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), which moves those values by at most an ulp.
+
+Byte layouts: ggml-common.h, summarised in shared/reference/gguf-quantization.md section 1.2.
+fp16 scales are loaded through a cast pointer: every fp16 field sits at an even offset in a
+block of even size, and rows of every type are a whole number of blocks, so such loads stay
+2-byte aligned as long as the tensor's storage is (torch allocations are).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from engine.kernels import KERNEL_QTYPES
+
+_F32 = tl.constexpr(int(Q.F32))
+_F16 = tl.constexpr(int(Q.F16))
+_BF16 = tl.constexpr(int(Q.BF16))
+_Q8_0 = tl.constexpr(int(Q.Q8_0))
+_Q4_0 = tl.constexpr(int(Q.Q4_0))
+_Q4_1 = tl.constexpr(int(Q.Q4_1))
+_Q5_0 = tl.constexpr(int(Q.Q5_0))
+_Q5_1 = tl.constexpr(int(Q.Q5_1))
+_Q2_K = tl.constexpr(int(Q.Q2_K))
+_Q3_K = tl.constexpr(int(Q.Q3_K))
+_Q4_K = tl.constexpr(int(Q.Q4_K))
+_Q5_K = tl.constexpr(int(Q.Q5_K))
+_Q6_K = tl.constexpr(int(Q.Q6_K))
+_IQ4_NL = tl.constexpr(int(Q.IQ4_NL))
+_IQ4_XS = tl.constexpr(int(Q.IQ4_XS))
+_MXFP4 = tl.constexpr(int(Q.MXFP4))
+
+# lut layout: 16 IQ4 levels (ggml kvalues_iq4nl), then 16 MXFP4 levels (kvalues_mxfp4, E2M1 doubled)
+_IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+_LUT_MXFP4 = tl.constexpr(16)
+_luts: dict[str, torch.Tensor] = {}
+
+
+def lut(device: torch.device | str) -> torch.Tensor:
+    """The float32 level table dequant_tile's `lut_ptr` points at, one cached copy per device."""
+    device = torch.device(device)
+    key = str(device)
+    t = _luts.get(key)
+    if t is None:
+        t = _luts[key] = torch.tensor(_IQ4_KVALUES + _MXFP4_KVALUES, dtype=torch.float32, device=device)
+    return t
+
+
+def row_bytes(qtype: Q, k: int) -> int:
+    """Bytes of one stored row of `k` elements."""
+    qtype = Q(qtype)
+    if qtype not in KERNEL_QTYPES:
+        raise NotImplementedError(f"no triton kernel for {qtype.name}")
+    block, size = GGML_QUANT_SIZES[qtype]
+    if k % block:
+        raise ValueError(f"row of {k} elements is not a whole number of {qtype.name} blocks of {block}")
+    return k // block * size
+
+
+# ---- small helpers (inlined by triton) ---------------------------------------------------------
+@triton.jit
+def _u8(w_ptr, off):
+    return tl.load(w_ptr + off).to(tl.int32)
+
+
+@triton.jit
+def _f16(w_ptr, off):
+    return tl.load((w_ptr + off).to(tl.pointer_type(tl.float16))).to(tl.float32)
+
+
+@triton.jit
+def _nibble(w_ptr, base, j):
+    """ggml's 4-bit order within each 32 elements: 16 low nibbles, then the 16 high ones."""
+    jj = j % 32
+    byte = _u8(w_ptr, base + (j // 32) * 16 + jj % 16)
+    return (byte >> ((jj // 16) * 4)) & 0x0F
+
+
+@triton.jit
+def _bit32(w_ptr, base, j):
+    """bit j of the little-endian u32 at base (Q5_0/Q5_1 high bits)."""
+    return (_u8(w_ptr, base + j // 8) >> (j % 8)) & 1
+
+
+@triton.jit
+def _k_scale_min(w_ptr, base, s):
+    """Q4_K/Q5_K: six-bit (scale, min) of sub-block s from the 12 bytes at base + 4."""
+    lo = s < 4
+    s4 = s % 4
+    a = _u8(w_ptr, base + 4 + s4)
+    b = _u8(w_ptr, base + 8 + s4)
+    c = _u8(w_ptr, base + 12 + s4)
+    sc = tl.where(lo, a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30))
+    mn = tl.where(lo, b & 0x3F, (c >> 4) | ((b >> 2) & 0x30))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def dequant_tile(w_ptr, lut_ptr, row_off, k_offs, QTYPE: tl.constexpr):
+    """float32 [BLOCK_N, BLOCK_K] tile of W.
+
+    w_ptr: the raw uint8 tensor; row_off: int64 [BLOCK_N, 1], byte offset of each row's start from
+    w_ptr (3-D expert tensors: (expert * N + n) * row_bytes); k_offs: int [1, BLOCK_K], element
+    indices within the row; lut_ptr: lut(device). No masks: callers keep every row in bounds (clamp
+    row indices, mask the store) and K % BLOCK_K == 0."""
+    row_off = row_off.to(tl.int64)
+    k = k_offs
+    if QTYPE == _F32:
+        v = tl.load((w_ptr + (row_off + k * 4)).to(tl.pointer_type(tl.float32)))
+    elif QTYPE == _F16:
+        v = tl.load((w_ptr + (row_off + k * 2)).to(tl.pointer_type(tl.float16))).to(tl.float32)
+    elif QTYPE == _BF16:
+        # bf16 -> fp32 widening is exact: the 16 bits become the top of the fp32 word
+        h = tl.load((w_ptr + (row_off + k * 2)).to(tl.pointer_type(tl.uint16)))
+        v = (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif QTYPE == _Q8_0:
+        # d fp16 . qs int8[32]
+        base = row_off + (k // 32) * 34
+        d = _f16(w_ptr, base)
+        q = tl.load((w_ptr + (base + 2 + k % 32)).to(tl.pointer_type(tl.int8))).to(tl.float32)
+        v = q * d
+    elif QTYPE == _Q4_0:
+        # d . qs[16]
+        base = row_off + (k // 32) * 18
+        q = _nibble(w_ptr, base + 2, k % 32) - 8
+        v = _f16(w_ptr, base) * q.to(tl.float32)
+    elif QTYPE == _Q4_1:
+        # d . m . qs[16]
+        base = row_off + (k // 32) * 20
+        q = _nibble(w_ptr, base + 4, k % 32).to(tl.float32)
+        v = _f16(w_ptr, base) * q + _f16(w_ptr, base + 2)
+    elif QTYPE == _Q5_0:
+        # d . qh u32 . qs[16]
+        j = k % 32
+        base = row_off + (k // 32) * 22
+        q = (_nibble(w_ptr, base + 6, j) | (_bit32(w_ptr, base + 2, j) << 4)) - 16
+        v = _f16(w_ptr, base) * q.to(tl.float32)
+    elif QTYPE == _Q5_1:
+        # d . m . qh u32 . qs[16]
+        j = k % 32
+        base = row_off + (k // 32) * 24
+        q = (_nibble(w_ptr, base + 8, j) | (_bit32(w_ptr, base + 4, j) << 4)).to(tl.float32)
+        v = _f16(w_ptr, base) * q + _f16(w_ptr, base + 2)
+    elif QTYPE == _Q2_K:
+        # scales[16] (low nibble scale, high nibble min) . qs[64] . d . dmin
+        j = k % 256
+        base = row_off + (k // 256) * 84
+        sc = _u8(w_ptr, base + j // 16)
+        dl = _f16(w_ptr, base + 80) * (sc & 0x0F).to(tl.float32)
+        ml = _f16(w_ptr, base + 82) * (sc >> 4).to(tl.float32)
+        # per 128-value half: byte l holds elements l, l+32, l+64, l+96 at shifts 0, 2, 4, 6
+        r = j % 128
+        q = (_u8(w_ptr, base + 16 + (j // 128) * 32 + r % 32) >> ((r // 32) * 2)) & 3
+        v = dl * q.to(tl.float32) - ml
+    elif QTYPE == _Q3_K:
+        # hmask[32] . qs[64] . scales[12] . d
+        j = k % 256
+        base = row_off + (k // 256) * 110
+        s = j // 16
+        lo = (_u8(w_ptr, base + 96 + s % 8) >> ((s // 8) * 4)) & 0x0F
+        hi = (_u8(w_ptr, base + 104 + s % 4) >> ((s // 4) * 2)) & 0x03
+        dl = _f16(w_ptr, base + 108) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        r = j % 128
+        ql = (_u8(w_ptr, base + 32 + (j // 128) * 32 + r % 32) >> ((r // 32) * 2)) & 3
+        qh = (_u8(w_ptr, base + j % 32) >> (j // 32)) & 1
+        q = ql - ((qh ^ 1) << 2)  # high bit clear => -4
+        v = dl * q.to(tl.float32)
+    elif QTYPE == _Q4_K:
+        # d . dmin . scales[12] . qs[128]; per 64 values: 32 bytes, low nibbles then high ones
+        j = k % 256
+        base = row_off + (k // 256) * 144
+        sc, mn = _k_scale_min(w_ptr, base, j // 32)
+        dl = _f16(w_ptr, base) * sc
+        ml = _f16(w_ptr, base + 2) * mn
+        q = (_u8(w_ptr, base + 16 + (j // 64) * 32 + j % 32) >> (((j // 32) % 2) * 4)) & 0x0F
+        v = dl * q.to(tl.float32) - ml
+    elif QTYPE == _Q5_K:
+        # d . dmin . scales[12] . qh[32] . qs[128]
+        j = k % 256
+        base = row_off + (k // 256) * 176
+        sc, mn = _k_scale_min(w_ptr, base, j // 32)
+        dl = _f16(w_ptr, base) * sc
+        ml = _f16(w_ptr, base + 2) * mn
+        ql = (_u8(w_ptr, base + 48 + (j // 64) * 32 + j % 32) >> (((j // 32) % 2) * 4)) & 0x0F
+        qh = (_u8(w_ptr, base + 16 + j % 32) >> (j // 32)) & 1
+        v = dl * (ql | (qh << 4)).to(tl.float32) - ml
+    elif QTYPE == _Q6_K:
+        # ql[128] . qh[64] . scales int8[16] . d; per 128 values: 64 ql bytes (low nibbles, then
+        # high), 32 qh bytes at shifts 0, 2, 4, 6
+        j = k % 256
+        base = row_off + (k // 256) * 210
+        sc = tl.load((w_ptr + (base + 192 + j // 16)).to(tl.pointer_type(tl.int8))).to(tl.float32)
+        dl = _f16(w_ptr, base + 208) * sc
+        h = j // 128
+        r = j % 128
+        ql = (_u8(w_ptr, base + h * 64 + r % 64) >> ((r // 64) * 4)) & 0x0F
+        qh = (_u8(w_ptr, base + 128 + h * 32 + r % 32) >> ((r // 32) * 2)) & 3
+        v = dl * ((ql | (qh << 4)) - 32).to(tl.float32)
+    elif QTYPE == _IQ4_NL:
+        # d . qs[16], 4-bit indices into the non-linear levels
+        base = row_off + (k // 32) * 18
+        v = _f16(w_ptr, base) * tl.load(lut_ptr + _nibble(w_ptr, base + 2, k % 32))
+    elif QTYPE == _IQ4_XS:
+        # d . scales_h u16 . scales_l[4] . qs[128]; six-bit sub-scale = low nibble | 2 high bits << 4, -32
+        j = k % 256
+        base = row_off + (k // 256) * 136
+        s = j // 32
+        hi = (_u8(w_ptr, base + 2 + s // 4) >> ((s % 4) * 2)) & 3
+        lo = (_u8(w_ptr, base + 4 + s // 2) >> ((s % 2) * 4)) & 0x0F
+        dl = _f16(w_ptr, base) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        v = dl * tl.load(lut_ptr + _nibble(w_ptr, base + 8, j))
+    elif QTYPE == _MXFP4:
+        # e (E8M0) . qs[16]; scale 2^(e-128) from bits: (e-1) << 23 for e >= 2, else the
+        # subnormals 2^-128, 2^-127 (0x00200000 << e), as torch_dequant builds it
+        base = row_off + (k // 32) * 17
+        e = _u8(w_ptr, base)
+        bits = tl.where(e < 2, 0x00200000 << tl.minimum(e, 1), (e - 1) << 23)
+        d = bits.to(tl.float32, bitcast=True)
+        v = d * tl.load(lut_ptr + _LUT_MXFP4 + _nibble(w_ptr, base + 1, k % 32))
+    else:
+        tl.static_assert(False, "dequant_tile: unsupported QTYPE")
+    return v
