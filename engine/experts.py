@@ -165,12 +165,18 @@ class ExpertExecutor:
             v = views.get(name)
             return v if v is not None else store.raw(name, dev)  # a resident part of a partly offloaded layer
 
-        out = grouped_experts(u, top_i, top_w, self.n_experts,
-                              lambda e, x: expert_mlp(store, layer, e, x, raw_of))
+        # the model's own operations (the grouped kernel on the fast path) run out of the slot;
+        # top_w already carries ffn_down_exps.scale, so the scale handed over is exactly 1
+        out = self.model.ops.experts(layer, u, top_i, top_w, self._unit_scale(u.device), raw_of)
         if self._copy_stream is not None:
             self._free[s].record(torch.cuda.current_stream(self.device))
         self.stats["stream_layer_calls"] += 1
         return out
+
+    def _unit_scale(self, device: torch.device) -> torch.Tensor:
+        if getattr(self, "_ones", None) is None or self._ones.device != device:
+            self._ones = torch.ones(self.n_experts, dtype=torch.float32, device=device)
+        return self._ones
 
     def _next_stream(self, layer: int) -> int:
         later = [i for i in self.stream_layers if i > layer]

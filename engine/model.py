@@ -182,7 +182,7 @@ class Block:
         return self.m.weights.get(name, self.m.device, self.m.dtype)
 
     def lin(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.m.weights.linear(name, x)
+        return self.m.ops.linear(name, x)
 
     def norm(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
         # norm weights are applied in fp32 (they are stored F32), whatever the compute dtype
@@ -218,15 +218,13 @@ class Block:
         probs = torch.softmax(self.lin(self.ffn_gate_inp, z), dim=-1, dtype=torch.float32)
         top_w, top_i = torch.topk(probs, s.expert_used_count, dim=-1)
         top_w = top_w / top_w.sum(-1, keepdim=True)
-        top_w = top_w * self.w(self.ffn_down_exps_scale).float()[top_i]
+        down_scale = self.w(self.ffn_down_exps_scale).float()
         u = self.norm(r, self.pre_ffw_norm_2)
         ex = self.m.expert_executor  # placement hook (engine/experts.py): experts kept in host RAM
         if ex is not None and ex.offloaded(self.i):
-            return ex.moe(self.i, u, top_i, top_w)
+            return ex.moe(self.i, u, top_i, top_w * down_scale[top_i])
         w, d = self.m.weights, self.m.device
-        return grouped_experts(u, top_i, top_w, s.expert_count,
-                               lambda e, x: expert_mlp(w, self.i, e, x, lambda name: w.raw(name, d)),
-                               workers=cpu_expert_workers(d))
+        return self.m.ops.experts(self.i, u, top_i, top_w, down_scale, lambda name: w.raw(name, d))
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         dense = gelu_mlp(self.norm(h, self.ffn_norm), self.lin, self.ffn_gate, self.ffn_up, self.ffn_down)
@@ -255,6 +253,33 @@ class Block:
         return h * self.w(self.enc_layer_output_scale if encoder else self.layer_output_scale)
 
 
+class TorchOps:
+    """The reference implementations of the three heavy operations, in plain torch: every other
+    backend is tested against these. Weights are looked up through the model at each call, since
+    a placement plan may swap the model's WeightStore."""
+
+    name = "torch"
+
+    def __init__(self, model: DiffusionGemmaModel):
+        self.m = model
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.m.weights.linear(name, x)
+
+    def experts(self, layer: int, u: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor,
+                down_scale: torch.Tensor, raw_of: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """Routed experts of `layer` for rows u [T, H]: sum_j top_w * down_scale[e_j] * expert_{e_j}(u),
+        each weight read from `raw_of(name)` (resident copy or an offload slot)."""
+        w = self.m.weights
+        return grouped_experts(u, top_i, top_w * down_scale[top_i], self.m.spec.expert_count,
+                               lambda e, x: expert_mlp(w, layer, e, x, raw_of),
+                               workers=cpu_expert_workers(u.device))
+
+    def vocab_pass(self, x: torch.Tensor, temperature: float | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.m.torch_vocab_pass(x, temperature)
+
+
 # Rows of the embedding table dequantized at a time for the tied head and the soft embedding. On CPU
 # a small chunk is still in cache when the second product (probabilities @ table) reads it: a 256-row
 # vocabulary pass over an F16 table took 12.8 s with 1024 rows against 18.6 s with 32768 (1 thread).
@@ -276,6 +301,9 @@ class DiffusionGemmaModel:
         self.vocab = self.weights.info("token_embd.weight").shape[0]
         self.blocks = [Block(self, i) for i in range(self.spec.block_count)]
         self.expert_executor = None  # set by engine.experts.attach_plan when a plan offloads experts
+        # the kernels behind linear layers, routed experts and the vocabulary pass; TorchOps is the
+        # reference, engine.triton_ops.TritonOps the fast path (engine.backend picks one)
+        self.ops: TorchOps = TorchOps(self)
         self.token_embd, self.output_norm = "token_embd.weight", "output_norm.weight"
         self.self_cond_norm = self.weights.self_cond_norm
         self.self_cond_gate, self.self_cond_up, self.self_cond_down = (
@@ -314,6 +342,15 @@ class DiffusionGemmaModel:
         softmax(logits / T) @ E * sqrt(H), accumulated with an online softmax from the same
         dequantized chunks of E, so a denoising step reads the table once instead of twice."""
         x = rms_norm(h, self.w(self.output_norm), self.eps)
+        logits, soft = self.ops.vocab_pass(x, temperature)
+        if soft is not None:
+            soft = soft.to(self.dtype) * self.embed_scale()
+        return logits, soft
+
+    def torch_vocab_pass(self, x: torch.Tensor, temperature: float | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference vocabulary pass over output-normed `x`: logits [T, V] fp32 and, with a
+        temperature, softmax(logits / T) @ E (fp32, before the sqrt(H) scale)."""
         out = torch.empty(x.shape[0], self.vocab, dtype=torch.float32, device=self.device)
         cap = self.spec.final_logit_softcapping
         soft = run_max = run_sum = None
@@ -336,7 +373,7 @@ class DiffusionGemmaModel:
                 soft = soft * rescale + (p.to(self.dtype) @ table).float()
                 run_max = new_max
         if soft is not None:
-            soft = (soft / run_sum).to(self.dtype) * self.embed_scale()
+            soft = soft / run_sum
         return out, soft
 
     def soft_embedding(self, prev_logits: torch.Tensor) -> torch.Tensor:
@@ -354,7 +391,7 @@ class DiffusionGemmaModel:
         e = self.embed(canvas)
         if soft is not None:
             s = rms_norm(soft, self.w(self.self_cond_norm), self.eps)
-            e = e + gelu_mlp(s, self.weights.linear, self.self_cond_gate, self.self_cond_up, self.self_cond_down)
+            e = e + gelu_mlp(s, self.ops.linear, self.self_cond_gate, self.self_cond_up, self.self_cond_down)
         # with no previous logits the MLP sees zeros and returns exactly zero, so it is skipped;
         # the outer no-scale norm always applies to the canvas (never to encoder input)
         return rms_norm(e, None, self.eps)
@@ -406,4 +443,4 @@ class DiffusionGemmaModel:
         return self._vocab_pass(h, temperature)
 
 
-__all__ = ["DiffusionGemmaModel", "KVCache", "rms_norm"]
+__all__ = ["DiffusionGemmaModel", "KVCache", "TorchOps", "rms_norm"]
