@@ -66,7 +66,12 @@ def apply(model, choice: BackendChoice) -> None:
         from engine.triton_ops import TritonOps
 
         model.ops = TritonOps(model)
+        if torch.device(model.device).type == "cuda":
+            from engine.graph_step import StepGraphs
+
+            model.step_graphs = StepGraphs(model)
     else:
+        model.step_graphs = None
         model.ops = TorchOps(model)
 
 

@@ -304,6 +304,7 @@ class DiffusionGemmaModel:
         # the kernels behind linear layers, routed experts and the vocabulary pass; TorchOps is the
         # reference, engine.triton_ops.TritonOps the fast path (engine.backend picks one)
         self.ops: TorchOps = TorchOps(self)
+        self.step_graphs = None  # engine.graph_step.StepGraphs when denoising steps are replayed as graphs
         self.token_embd, self.output_norm = "token_embd.weight", "output_norm.weight"
         self.self_cond_norm = self.weights.self_cond_norm
         self.self_cond_gate, self.self_cond_up, self.self_cond_down = (
@@ -429,7 +430,10 @@ class DiffusionGemmaModel:
                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One denoising step: logits [C, V] and the soft embedding the next step feeds back
         (softmax(logits / temperature) @ E * sqrt(H)), from one pass over the embedding table."""
-        logits, soft_next = self._decode(canvas, cache, soft, None, temperature)
+        if self.step_graphs is not None:  # CUDA graph replay on the fast path (engine/graph_step.py)
+            logits, soft_next = self.step_graphs.step(canvas, cache, soft, temperature)
+        else:
+            logits, soft_next = self._decode(canvas, cache, soft, None, temperature)
         assert soft_next is not None
         return logits, soft_next
 
