@@ -60,6 +60,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+                            ) -> torch.Tensor:
+    """Attention of q [Hq, T, d] over k, v [Hkv, S, d] with Hq = g * Hkv, as plain multi-head attention:
+    the g query heads that share a KV head are laid end to end along the query axis (the mask
+    repeated to match), so no copy of K/V is made and SDPA never needs its GQA support. On CUDA that
+    matters: flash attention stops at head dim 256, and `enable_gqa` with the 512-wide heads of the
+    full layers would leave only the math path; the memory-efficient kernel takes this shape."""
+    hq, t, d = q.shape
+    hkv = k.shape[0]
+    g = hq // hkv
+    qf = q.reshape(hkv, g * t, d)
+    mf = None if mask is None else mask.repeat(g, 1)
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=1.0)
+    return o.reshape(hq, t, -1)
+
+
 ExpertMLP = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -207,8 +223,11 @@ class Block:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # Gemma 4 attention is scale-free: q and k are RMS-normalised, so scale = 1.0, not d^-0.5
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                           enable_gqa=q.shape[0] != k.shape[0])
+        if q.device.type == "cuda" and q.shape[0] != k.shape[0]:
+            o = grouped_query_attention(q, k, v, mask)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                               enable_gqa=q.shape[0] != k.shape[0])
         return self.lin(self.attn_output, o.transpose(0, 1).reshape(q.shape[1], -1))
 
     # ---- feed-forward -----------------------------------------------------------------------
