@@ -52,7 +52,7 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON."),
     threads: int | None = typer.Option(None, "--threads", metavar="N", show_default=False,
                                        help="Worker processes quantizing in parallel (default: every core). The "
-                                            "file is byte-identical whatever N; each worker needs about 200 MiB."),
+                                            "file is byte-identical whatever N; each worker needs about 128 MiB."),
 ) -> None:
     """Convert a DiffusionGemma checkpoint (or requantize a GGUF) into one llama.cpp-layout GGUF file."""
     with _user_errors():

@@ -36,7 +36,7 @@ from gguf import GGMLQuantizationType as Q
 from engine.kernels import INTERPRET, dot_dtype
 from engine.kernels.dequant import dequant_tile, lut
 
-_SQRT_8_OVER_PI = 1.5957691216057308  # gelu_tanh(x) = x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
+_SQRT_8_OVER_PI = tl.constexpr(1.5957691216057308)  # gelu_tanh(x) = x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,11 @@ def _down_kernel(act_ptr, d_ptr, lut_ptr, out_ptr, block_expert_ptr, slot_pair_p
             tl.store(out_ptr + pair[:, None] * stride_out + n[None, :], acc, mask=mask)
 
 
-# the interpreter pays per op, not per element: few wide tiles run fastest there
+# N tiles (gate_up, down). The interpreter pays per op more than per element: wider tiles run faster there.
 _BN_INTERPRET = (128, 256)
+# GPU launch options, not yet tuned on a GPU: with 4 warps the K-quant gate_up tiles spill (ptxas, sm_90:
+# 255 registers and 400-1100 bytes of spill at BM 16-64); 8 warps spill nothing for the Q4_K_M types.
+_GPU_BN, _GPU_BK, _GPU_WARPS, _GPU_STAGES = 64, 64, 8, 3
 
 
 def _block_k(k: int, prefer: int) -> int:
@@ -240,12 +243,14 @@ def grouped_moe(u: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor, down_
     dev = u.device
     table = lut(dev)
     dot = dot_dtype(u.dtype)
-    bn_gu, bn_d = _BN_INTERPRET if INTERPRET else (64, 64)
+    bn_gu, bn_d = _BN_INTERPRET if INTERPRET else (_GPU_BN, _GPU_BN)
+    bk = 256 if INTERPRET else _GPU_BK
+    opts = {} if INTERPRET else {"num_warps": _GPU_WARPS, "num_stages": _GPU_STAGES}
     act = torch.empty(r.capacity, F, dtype=u.dtype, device=dev)
     _gate_up_kernel[(r.n_blocks, triton.cdiv(F, bn_gu))](
         u, g_raw, up_raw, table, act, r.block_expert, r.slot_token,
         u.stride(0), act.stride(0), g_rows, up_rows, up_row0, g_rb, up_rb,
-        H=H, F=F, QG=int(qg), QU=int(qu), BM=bm, BN=bn_gu, BK=_block_k(H, 256 if INTERPRET else 64), DOT=dot)
+        H=H, F=F, QG=int(qg), QU=int(qu), BM=bm, BN=bn_gu, BK=_block_k(H, bk), DOT=dot, **opts)
 
     tw = top_w.reshape(-1).to(torch.float32).contiguous()
     scale = down_scale.reshape(-1).to(device=dev, dtype=torch.float32).contiguous()
@@ -256,11 +261,21 @@ def grouped_moe(u: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor, down_
     _down_kernel[(r.n_blocks, triton.cdiv(H, bn_d))](
         act, down, table, out, r.block_expert, r.slot_pair, tw, scale,
         act.stride(0), out.stride(0), d_rb, k,
-        H=H, F=F, QD=int(down_qtype), BM=bm, BN=bn_d, BK=_block_k(F, 256 if INTERPRET else 64), DOT=dot,
-        ATOMIC=not deterministic)
+        H=H, F=F, QD=int(down_qtype), BM=bm, BN=bn_d, BK=_block_k(F, bk), DOT=dot,
+        ATOMIC=not deterministic, **opts)
     if deterministic:
         out = out.view(T, k, H).sum(1)
     return out.to(u.dtype)
 
 
-__all__ = ["Routing", "capacity", "default_block_m", "grouped_moe", "route"]
+def layer_moe(store, layer: int, u: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor,
+              down_scale: torch.Tensor, raw_of, *, routing: Routing | None = None) -> torch.Tensor:
+    """grouped_moe for `layer` of a WeightStore, the raw expert tensors taken from raw_of(name) (as
+    expert_mlp takes them: store.raw(name, device), or views of an offload executor's stream slot)."""
+    *gate_up, down = store.expert_names(layer)
+    return grouped_moe(u, top_i, top_w, down_scale, tuple(raw_of(n) for n in gate_up),
+                       tuple(store.info(n).qtype for n in gate_up), raw_of(down), store.info(down).qtype,
+                       routing=routing)
+
+
+__all__ = ["Routing", "capacity", "default_block_m", "grouped_moe", "layer_moe", "route"]

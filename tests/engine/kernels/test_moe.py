@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from engine.kernels.moe import capacity, grouped_moe, route
+from engine.kernels.moe import capacity, grouped_moe, layer_moe, route
 from engine.model import expert_mlp, grouped_experts
 from gguf_tools.quants import quantize
 
@@ -159,8 +159,8 @@ def test_deterministic_sum_and_block_sizes():
                           deterministic=det)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     r = route(top_i, 5, 32)
-    torch.testing.assert_close(grouped_moe(u, top_i, top_w, down_scale, gate_up, gu_types, down, Q.F16,
-                                           routing=r), want, rtol=1e-4, atol=1e-5)
+    got = layer_moe(store, 0, u, top_i, top_w, down_scale, lambda name: store.tensors[name][0], routing=r)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_shapes_are_one_line_errors():
@@ -169,3 +169,33 @@ def test_bad_shapes_are_one_line_errors():
         grouped_moe(u, top_i, top_w, down_scale, gate_up, gu_types, down[:, :128], Q.F16)
     with pytest.raises(ValueError, match="gate_up"):
         grouped_moe(u[:, :128], top_i, top_w, down_scale, gate_up, gu_types, down, Q.F16)
+
+
+@pytest.mark.gpu
+def test_route_on_cuda_has_no_host_sync_and_is_capturable():
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    top_i = _skewed_top_i(256, 8, 16, gen).to(dev)
+    want = route(top_i.cpu(), 16, 16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = route(top_i, 16, 16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name in ("block_expert", "slot_token", "slot_pair", "pair_slot", "counts"):
+        assert torch.equal(getattr(got, name).cpu(), getattr(want, name)), name
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        route(top_i, 16, 16)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = route(top_i, 16, 16)
+    top_i.copy_(torch.flip(top_i, (0,)))
+    graph.replay()
+    torch.cuda.synchronize()
+    again = route(top_i.cpu(), 16, 16)
+    assert torch.equal(captured.slot_pair.cpu(), again.slot_pair) and torch.equal(captured.block_expert.cpu(),
+                                                                                   again.block_expert)
