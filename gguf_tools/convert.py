@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from .arch import ARCH, ArchSpec
 from .atomic import fsync_dir, partial_path, remove_stale_partials
 from .imatrix import USES_IMATRIX, Imatrix, load_imatrix, needs_imatrix_entry
 from .names import TensorEntry, expected_tensors, match_checkpoint
+from .parallel_quant import Shared, check_threads, ordered_map
 from .presets import (
     FLOAT_TYPES,
     ModelFacts,
@@ -55,7 +57,8 @@ class ConversionError(RuntimeError):
 
 class Reporter(Protocol):
     def start(self, n_tensors: int, n_bytes: int) -> None: ...
-    def advance(self, name: str, n_bytes: int) -> None: ...
+    # called per written chunk; tensor_done on a tensor's last chunk
+    def advance(self, name: str, n_bytes: int, tensor_done: bool = True) -> None: ...
     def finish(self, ok: bool = True) -> None: ...
 
 
@@ -206,22 +209,28 @@ def _check_shapes(entries: list[TensorEntry], ckpt: Checkpoint) -> None:
 
 def convert(src: Path, out: Path | None = None, type_name: str = "BF16", arch: str = ARCH,
             overrides: tuple[Rule, ...] = (), reporter: Reporter | None = None, *, pure: bool = False,
-            imatrix: Imatrix | Path | str | None = None) -> tuple[Path, ConversionPlan]:
+            imatrix: Imatrix | Path | str | None = None, threads: int | None = 1) -> tuple[Path, ConversionPlan]:
+    """threads: chunks quantized on that many threads (None: every core); the bytes do not change."""
+    threads = check_threads(threads)
     src = Path(src)
     plan, ckpt = prepare(src, type_name, arch, overrides, pure=pure, imatrix=imatrix)
     out = Path(out) if out is not None else default_output(src, type_name)
-    write_atomically(plan, out, lambda t: _tensor_chunks(plan, ckpt, t), reporter)
+    source = Shared(ckpt, Checkpoint, ckpt.folder)
+    write_atomically(plan, out, lambda t: _tensor_chunks(plan, source, t), reporter, threads)
     return out, plan
 
 
-def write_atomically(plan: ConversionPlan, out: Path, chunks: Callable[[PlannedTensor], Iterable[np.ndarray]],
-                     reporter: Reporter | None = None) -> None:
+Chunk = Callable[[], np.ndarray]  # a job that reads, checks and encodes some rows of one tensor
+
+
+def write_atomically(plan: ConversionPlan, out: Path, chunks: Callable[[PlannedTensor], Iterable[Chunk]],
+                     reporter: Reporter | None = None, threads: int = 1) -> None:
     """Check the target, write `plan` to a temporary file beside it, rename it only on success."""
     remove_stale_partials(out)  # left by a killed run (SIGKILL): dead pid, never a running conversion's
     check_writable(out, plan.total_bytes)
     tmp = partial_path(out)
     try:
-        write_plan(plan, tmp, chunks, reporter)  # fsyncs the data before closing
+        write_plan(plan, tmp, chunks, reporter, threads)  # fsyncs the data before closing
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -247,11 +256,13 @@ def _gib(n: int) -> str:
 
 
 def _write(plan: ConversionPlan, ckpt: Checkpoint, path: Path, reporter: Reporter | None) -> None:
-    write_plan(plan, path, lambda t: _tensor_chunks(plan, ckpt, t), reporter)
+    write_plan(plan, path, lambda t: _tensor_chunks(plan, Shared(ckpt, Checkpoint, ckpt.folder), t), reporter)
 
 
-def write_plan(plan: ConversionPlan, path: Path, chunks: Callable[[PlannedTensor], Iterable[np.ndarray]],
-               reporter: Reporter | None) -> None:
+def write_plan(plan: ConversionPlan, path: Path, chunks: Callable[[PlannedTensor], Iterable[Chunk]],
+               reporter: Reporter | None, threads: int = 1) -> None:
+    """Tensor infos, then every tensor's chunks in order; the chunk jobs run on `threads` threads
+    (gguf_tools.parallel_quant), their results are written in plan order."""
     w = GGUFWriter(path, plan.arch)
     kv = plan.output_kv()
     if any(k == "general.architecture" for k, _, _ in kv):
@@ -269,27 +280,53 @@ def write_plan(plan: ConversionPlan, path: Path, chunks: Callable[[PlannedTensor
     if reporter:
         reporter.start(len(plan.tensors), plan.total_bytes)
     ok = False
+    tags: deque[tuple[int, bool]] = deque()  # (tensor index, last chunk?) of the jobs handed out, in order
+
+    def jobs() -> Iterator[Chunk]:
+        for k, t in enumerate(plan.tensors):
+            for job, last in _with_last(chunks(t)):
+                tags.append((k, last))
+                yield job
+
+    results = ordered_map(jobs(), threads)
     try:
-        for t in plan.tensors:
-            w.write_padding(fout, fout.tell())
-            written = 0
-            for chunk in chunks(t):
-                chunk.tofile(fout)
-                written += chunk.nbytes
+        written = 0
+        w.write_padding(fout, fout.tell())
+        for chunk in results:
+            k, last = tags.popleft()
+            t = plan.tensors[k]
+            chunk.tofile(fout)
+            written += chunk.nbytes
+            if reporter:
+                reporter.advance(t.name, chunk.nbytes, tensor_done=last)
+            if not last:
+                continue
             if written != t.n_bytes:
                 raise ConversionError(f"tensor {t.name}: wrote {written} bytes, planned {t.n_bytes}")
             w.write_padding(fout, written)
-            if reporter:
-                reporter.advance(t.name, t.n_bytes)
+            written = 0
+            if k + 1 < len(plan.tensors):
+                w.write_padding(fout, fout.tell())
         fout.flush()
         os.fsync(fout.fileno())
         ok = True
     except OSError as e:
         raise ConversionError(f"cannot write {path.name}: {e.strerror or e}") from None
     finally:
+        results.close()  # cancels the chunk jobs not yet started when writing failed
         w.close()
         if reporter:
             reporter.finish(ok)
+
+
+def _with_last(items: Iterable[Chunk]) -> Iterable[tuple[Chunk, bool]]:
+    """(item, is it the last one); a tensor always has at least one chunk."""
+    it = iter(items)
+    prev = next(it)
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
 
 
 def _add_kv(w: GGUFWriter, key: str, value: Any, vtype: str) -> None:
@@ -300,23 +337,52 @@ def _add_kv(w: GGUFWriter, key: str, value: Any, vtype: str) -> None:
         w.add_key_value(key, value, _VTYPES[vtype])
 
 
-def _tensor_chunks(plan: ConversionPlan, ckpt: Checkpoint, t: PlannedTensor):
-    if t.source is None:  # rope_freqs
-        yield np.asarray(plan.spec.rope_freqs(), dtype=np.float32)
-        return
-    stored = ckpt.tensors[t.source]
-    imatrix = tensor_imatrix(plan, t)
-    for start, stop, im in row_chunks(t.shape, imatrix):
-        if t.qtype == Q.BF16 and stored.dtype == "BF16":
-            raw = ckpt.read_raw_rows(t.source, start, stop)
+@dataclass(frozen=True, eq=False)
+class Ready:
+    """A chunk that is already made (rope_freqs)."""
+
+    data: np.ndarray
+    light = True
+
+    def __call__(self) -> np.ndarray:
+        return self.data
+
+
+@dataclass(frozen=True, eq=False)
+class CheckpointRows:
+    """Rows [start, stop) of one checkpoint tensor, read, checked and encoded: a job that a worker
+    process can run (gguf_tools.parallel_quant)."""
+
+    source: Shared[Checkpoint]
+    name: str
+    qtype: Q
+    start: int
+    stop: int
+    imatrix: np.ndarray | None = None
+
+    @property
+    def light(self) -> bool:  # copies and float conversions are not worth a trip to a worker
+        return self.qtype in FLOAT_TYPES
+
+    def __call__(self) -> np.ndarray:
+        ckpt = self.source.get()
+        if self.qtype == Q.BF16 and ckpt.tensors[self.name].dtype == "BF16":
+            raw = ckpt.read_raw_rows(self.name, self.start, self.stop)
             if ((raw & 0x7F80) == 0x7F80).any():
-                raise ConversionError(f"tensor {t.source} contains NaN or Inf")
-            yield raw
-            continue
-        rows = ckpt.read_rows(t.source, start, stop)
+                raise ConversionError(f"tensor {self.name} contains NaN or Inf")
+            return raw
+        rows = ckpt.read_rows(self.name, self.start, self.stop)
         if not np.isfinite(rows).all():
-            raise ConversionError(f"tensor {t.source} contains NaN or Inf")
-        yield encode_rows(rows, t.qtype, t.source) if im is None else encode_rows(rows, t.qtype, t.source, im)
+            raise ConversionError(f"tensor {self.name} contains NaN or Inf")
+        return encode_rows(rows, self.qtype, self.name, self.imatrix)
+
+
+def _tensor_chunks(plan: ConversionPlan, source: Shared[Checkpoint], t: PlannedTensor) -> Iterable[Chunk]:
+    if t.source is None:  # rope_freqs
+        yield Ready(np.asarray(plan.spec.rope_freqs(), dtype=np.float32))
+        return
+    for start, stop, im in row_chunks(t.shape, tensor_imatrix(plan, t)):
+        yield CheckpointRows(source, t.source, t.qtype, start, stop, im)
 
 
 def tensor_imatrix(plan: ConversionPlan, t: PlannedTensor) -> np.ndarray | None:

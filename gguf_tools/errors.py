@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .arch import SpecError
 from .convert import ConversionError
+from .parallel_quant import ThreadsError
 from .presets import PresetError
 from .reader import GGUFError
 from .safetensors_io import CheckpointError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    SpecError, ConversionError, PresetError, GGUFError, CheckpointError, FileNotFoundError,
+    SpecError, ConversionError, PresetError, GGUFError, CheckpointError, FileNotFoundError, ThreadsError,
 )

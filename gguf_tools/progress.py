@@ -27,9 +27,10 @@ class RichReporter:
         self.progress.start()
         self.task = self.progress.add_task("convert", total=n_bytes, tensor="", done=0, count=n_tensors)
 
-    def advance(self, name: str, n_bytes: int) -> None:
+    def advance(self, name: str, n_bytes: int, tensor_done: bool = True) -> None:
+        """Called per written chunk, so a large tensor moves the bar while it is quantized."""
         t = self.progress.tasks[0]
-        self.progress.update(self.task, advance=n_bytes, tensor=name, done=t.fields["done"] + 1)
+        self.progress.update(self.task, advance=n_bytes, tensor=name, done=t.fields["done"] + int(tensor_done))
 
     def finish(self, ok: bool = True) -> None:
         if not ok:  # a failed run ends with its one error line, not a half-drawn bar

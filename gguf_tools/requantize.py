@@ -12,6 +12,8 @@ would need another type is refused.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from gguf import GGUFValueType
 
 from .arch import ArchSpec
 from .convert import (
+    Chunk,
     ConversionError,
     ConversionPlan,
     PlannedTensor,
@@ -33,6 +36,7 @@ from .convert import (
     write_atomically,
 )
 from .imatrix import Imatrix
+from .parallel_quant import Shared, check_threads
 from .presets import FLOAT_TYPES, ModelFacts, Rule, choose_types, load_preset, tensor_bytes
 from .reader import GGUFError, GGUFFile
 
@@ -115,35 +119,65 @@ def plan_requantize(src: Path | str, type_name: str, overrides: tuple[Rule, ...]
 
 def requantize(src: Path | str, out: Path | str | None = None, type_name: str = "Q4_K_M",
                overrides: tuple[Rule, ...] = (), reporter: Reporter | None = None, *, pure: bool = False,
-               imatrix: Imatrix | Path | str | None = None) -> tuple[Path, ConversionPlan]:
+               imatrix: Imatrix | Path | str | None = None, threads: int | None = 1) -> tuple[Path, ConversionPlan]:
+    """threads: chunks quantized on that many threads (None: every core); the bytes do not change."""
+    threads = check_threads(threads)
     src = Path(src)
     plan, f = plan_requantize(src, type_name, overrides, pure=pure, imatrix=imatrix)
     out = Path(out) if out is not None else default_output(src, type_name)
     if out.resolve() == src.resolve():
         raise ConversionError(f"output {out} is the input file")
-    write_atomically(plan, out, lambda t: _tensor_chunks(plan, f, t), reporter)
+    source = Shared(f, _open_validated, str(f.path))
+    write_atomically(plan, out, lambda t: _tensor_chunks(plan, source, t), reporter, threads)
     return out, plan
 
 
-def _tensor_chunks(plan: ConversionPlan, f: GGUFFile, t: PlannedTensor):
-    info = f.tensors[t.name]
-    row_len = t.shape[-1]
+def _open_validated(path: str) -> GGUFFile:
+    """A worker's own map of the input, which the writing process has already validated as a model."""
+    return GGUFFile(path, check_model=False)
+
+
+@dataclass(frozen=True, eq=False)
+class GGUFRows:
+    """Rows [start, stop) of one input tensor: copied (same type, after a finiteness check for float
+    types) or decoded and quantized to qtype; a job that a worker process can run."""
+
+    source: Shared[GGUFFile]
+    name: str
+    qtype: Q
+    start: int
+    stop: int
+    imatrix: np.ndarray | None = None
+
+    @property
+    def light(self) -> bool:
+        return self.qtype in FLOAT_TYPES or self.qtype == self.source.get().tensors[self.name].qtype
+
+    def __call__(self) -> np.ndarray:
+        info = self.source.get().tensors[self.name]
+        row_len = info.shape[-1]
+        n_rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+        raw = np.asarray(info.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)[self.start:self.stop]
+        if self.qtype == info.qtype:  # same type: llama-quantize copies the bytes
+            if info.qtype in FLOAT_TYPES and not np.isfinite(_decode(raw, info.qtype, row_len)).all():
+                raise ConversionError(f"tensor {self.name} contains NaN or Inf")
+            return raw
+        rows = _decode(raw, info.qtype, row_len)
+        if not np.isfinite(rows).all():
+            raise ConversionError(f"tensor {self.name} contains NaN or Inf")
+        return encode_rows(rows, self.qtype, self.name, self.imatrix)
+
+
+def _tensor_chunks(plan: ConversionPlan, source: Shared[GGUFFile], t: PlannedTensor) -> Iterable[Chunk]:
+    info = source.get().tensors[t.name]
     n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
-    raw = np.asarray(info.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)
-    src_type = info.qtype
-    if t.qtype == src_type:  # same type: llama-quantize copies the bytes
-        step = max(1, (64 << 20) // max(1, raw.shape[1]))
+    if t.qtype == info.qtype:
+        step = max(1, (64 << 20) // max(1, info.n_bytes // max(1, n_rows)))
         for start in range(0, n_rows, step):
-            chunk = raw[start: start + step]
-            if src_type in FLOAT_TYPES and not np.isfinite(_decode(chunk, src_type, row_len)).all():
-                raise ConversionError(f"tensor {t.name} contains NaN or Inf")
-            yield chunk
+            yield GGUFRows(source, t.name, t.qtype, start, min(n_rows, start + step))
         return
     for start, stop, im in row_chunks(t.shape, tensor_imatrix(plan, t)):
-        rows = _decode(raw[start:stop], src_type, row_len)
-        if not np.isfinite(rows).all():
-            raise ConversionError(f"tensor {t.name} contains NaN or Inf")
-        yield encode_rows(rows, t.qtype, t.name) if im is None else encode_rows(rows, t.qtype, t.name, im)
+        yield GGUFRows(source, t.name, t.qtype, start, stop, im)
 
 
 def _decode(raw: np.ndarray, qtype: Q, row_len: int) -> np.ndarray:

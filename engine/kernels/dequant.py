@@ -68,39 +68,24 @@ def row_bytes(qtype: Q, k: int) -> int:
     return k // block * size
 
 
-# ---- small helpers (inlined by triton) ---------------------------------------------------------
+# ---- helpers (inlined by triton). Only two: under the interpreter every call of a device function
+# re-patches triton.language (about a millisecond), which shows in the tests' time.
 @triton.jit
-def _u8(w_ptr, off):
-    return tl.load(w_ptr + off).to(tl.int32)
-
-
-@triton.jit
-def _f16(w_ptr, off):
-    return tl.load((w_ptr + off).to(tl.pointer_type(tl.float16))).to(tl.float32)
-
-
-@triton.jit
-def _nibble(w_ptr, base, j):
-    """ggml's 4-bit order within each 32 elements: 16 low nibbles, then the 16 high ones."""
+def _nibble(qs, j):
+    """Element j of the 4-bit quants at byte pointer(s) qs, in ggml's order: per 32 elements, the 16
+    low nibbles, then the 16 high ones."""
     jj = j % 32
-    byte = _u8(w_ptr, base + (j // 32) * 16 + jj % 16)
-    return (byte >> ((jj // 16) * 4)) & 0x0F
+    return (tl.load(qs + (j // 32) * 16 + jj % 16).to(tl.int32) >> ((jj // 16) * 4)) & 0x0F
 
 
 @triton.jit
-def _bit32(w_ptr, base, j):
-    """bit j of the little-endian u32 at base (Q5_0/Q5_1 high bits)."""
-    return (_u8(w_ptr, base + j // 8) >> (j % 8)) & 1
-
-
-@triton.jit
-def _k_scale_min(w_ptr, base, s):
-    """Q4_K/Q5_K: six-bit (scale, min) of sub-block s from the 12 bytes at base + 4."""
+def _k_scale_min(scales, s):
+    """Q4_K/Q5_K: six-bit (scale, min) of sub-block s from the 12 bytes at pointer(s) `scales`."""
     lo = s < 4
     s4 = s % 4
-    a = _u8(w_ptr, base + 4 + s4)
-    b = _u8(w_ptr, base + 8 + s4)
-    c = _u8(w_ptr, base + 12 + s4)
+    a = tl.load(scales + s4).to(tl.int32)
+    b = tl.load(scales + 4 + s4).to(tl.int32)
+    c = tl.load(scales + 8 + s4).to(tl.int32)
     sc = tl.where(lo, a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30))
     mn = tl.where(lo, b & 0x3F, (c >> 4) | ((b >> 2) & 0x30))
     return sc.to(tl.float32), mn.to(tl.float32)
@@ -114,120 +99,123 @@ def dequant_tile(w_ptr, lut_ptr, row_off, k_offs, QTYPE: tl.constexpr):
     w_ptr (3-D expert tensors: (expert * N + n) * row_bytes); k_offs: int [1, BLOCK_K], element
     indices within the row; lut_ptr: lut(device). No masks: callers keep every row in bounds (clamp
     row indices, mask the store) and K % BLOCK_K == 0."""
-    row_off = row_off.to(tl.int64)
+    f16 = tl.pointer_type(tl.float16)
+    i8 = tl.pointer_type(tl.int8)
+    w = w_ptr + row_off.to(tl.int64)  # [BLOCK_N, 1] row starts; column offsets below are [1, BLOCK_K]
     k = k_offs
+    # float types: cast the row pointers first and index in elements, so the compiler sees loads
+    # contiguous along K and vectorises them
     if QTYPE == _F32:
-        v = tl.load((w_ptr + (row_off + k * 4)).to(tl.pointer_type(tl.float32)))
+        v = tl.load(w.to(tl.pointer_type(tl.float32)) + k)
     elif QTYPE == _F16:
-        v = tl.load((w_ptr + (row_off + k * 2)).to(tl.pointer_type(tl.float16))).to(tl.float32)
+        v = tl.load(w.to(f16) + k).to(tl.float32)
     elif QTYPE == _BF16:
         # bf16 -> fp32 widening is exact: the 16 bits become the top of the fp32 word
-        h = tl.load((w_ptr + (row_off + k * 2)).to(tl.pointer_type(tl.uint16)))
+        h = tl.load(w.to(tl.pointer_type(tl.uint16)) + k)
         v = (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     elif QTYPE == _Q8_0:
         # d fp16 . qs int8[32]
-        base = row_off + (k // 32) * 34
-        d = _f16(w_ptr, base)
-        q = tl.load((w_ptr + (base + 2 + k % 32)).to(tl.pointer_type(tl.int8))).to(tl.float32)
-        v = q * d
+        b = w + (k // 32) * 34
+        q = tl.load((b + 2 + k % 32).to(i8)).to(tl.float32)
+        v = q * tl.load(b.to(f16)).to(tl.float32)
     elif QTYPE == _Q4_0:
         # d . qs[16]
-        base = row_off + (k // 32) * 18
-        q = _nibble(w_ptr, base + 2, k % 32) - 8
-        v = _f16(w_ptr, base) * q.to(tl.float32)
+        b = w + (k // 32) * 18
+        q = _nibble(b + 2, k % 32) - 8
+        v = tl.load(b.to(f16)).to(tl.float32) * q.to(tl.float32)
     elif QTYPE == _Q4_1:
         # d . m . qs[16]
-        base = row_off + (k // 32) * 20
-        q = _nibble(w_ptr, base + 4, k % 32).to(tl.float32)
-        v = _f16(w_ptr, base) * q + _f16(w_ptr, base + 2)
+        b = w + (k // 32) * 20
+        q = _nibble(b + 4, k % 32).to(tl.float32)
+        v = tl.load(b.to(f16)).to(tl.float32) * q + tl.load((b + 2).to(f16)).to(tl.float32)
     elif QTYPE == _Q5_0:
-        # d . qh u32 . qs[16]
+        # d . qh u32 (bit j = high bit of element j) . qs[16]
         j = k % 32
-        base = row_off + (k // 32) * 22
-        q = (_nibble(w_ptr, base + 6, j) | (_bit32(w_ptr, base + 2, j) << 4)) - 16
-        v = _f16(w_ptr, base) * q.to(tl.float32)
+        b = w + (k // 32) * 22
+        qh = (tl.load(b + 2 + j // 8).to(tl.int32) >> (j % 8)) & 1
+        q = (_nibble(b + 6, j) | (qh << 4)) - 16
+        v = tl.load(b.to(f16)).to(tl.float32) * q.to(tl.float32)
     elif QTYPE == _Q5_1:
         # d . m . qh u32 . qs[16]
         j = k % 32
-        base = row_off + (k // 32) * 24
-        q = (_nibble(w_ptr, base + 8, j) | (_bit32(w_ptr, base + 4, j) << 4)).to(tl.float32)
-        v = _f16(w_ptr, base) * q + _f16(w_ptr, base + 2)
+        b = w + (k // 32) * 24
+        qh = (tl.load(b + 4 + j // 8).to(tl.int32) >> (j % 8)) & 1
+        q = (_nibble(b + 8, j) | (qh << 4)).to(tl.float32)
+        v = tl.load(b.to(f16)).to(tl.float32) * q + tl.load((b + 2).to(f16)).to(tl.float32)
     elif QTYPE == _Q2_K:
         # scales[16] (low nibble scale, high nibble min) . qs[64] . d . dmin
         j = k % 256
-        base = row_off + (k // 256) * 84
-        sc = _u8(w_ptr, base + j // 16)
-        dl = _f16(w_ptr, base + 80) * (sc & 0x0F).to(tl.float32)
-        ml = _f16(w_ptr, base + 82) * (sc >> 4).to(tl.float32)
+        b = w + (k // 256) * 84
+        sc = tl.load(b + j // 16).to(tl.int32)
+        dl = tl.load((b + 80).to(f16)).to(tl.float32) * (sc & 0x0F).to(tl.float32)
+        ml = tl.load((b + 82).to(f16)).to(tl.float32) * (sc >> 4).to(tl.float32)
         # per 128-value half: byte l holds elements l, l+32, l+64, l+96 at shifts 0, 2, 4, 6
         r = j % 128
-        q = (_u8(w_ptr, base + 16 + (j // 128) * 32 + r % 32) >> ((r // 32) * 2)) & 3
+        q = (tl.load(b + 16 + (j // 128) * 32 + r % 32).to(tl.int32) >> ((r // 32) * 2)) & 3
         v = dl * q.to(tl.float32) - ml
     elif QTYPE == _Q3_K:
-        # hmask[32] . qs[64] . scales[12] . d
+        # hmask[32] . qs[64] . scales[12] . d; 16 six-bit scales: low 4 bits from bytes 0-7 (low
+        # nibble for sub-blocks 0-7, high for 8-15), top 2 bits from bytes 8-11
         j = k % 256
-        base = row_off + (k // 256) * 110
+        b = w + (k // 256) * 110
         s = j // 16
-        lo = (_u8(w_ptr, base + 96 + s % 8) >> ((s // 8) * 4)) & 0x0F
-        hi = (_u8(w_ptr, base + 104 + s % 4) >> ((s // 4) * 2)) & 0x03
-        dl = _f16(w_ptr, base + 108) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        lo = (tl.load(b + 96 + s % 8).to(tl.int32) >> ((s // 8) * 4)) & 0x0F
+        hi = (tl.load(b + 104 + s % 4).to(tl.int32) >> ((s // 4) * 2)) & 0x03
+        dl = tl.load((b + 108).to(f16)).to(tl.float32) * ((lo | (hi << 4)) - 32).to(tl.float32)
         r = j % 128
-        ql = (_u8(w_ptr, base + 32 + (j // 128) * 32 + r % 32) >> ((r // 32) * 2)) & 3
-        qh = (_u8(w_ptr, base + j % 32) >> (j // 32)) & 1
-        q = ql - ((qh ^ 1) << 2)  # high bit clear => -4
-        v = dl * q.to(tl.float32)
+        ql = (tl.load(b + 32 + (j // 128) * 32 + r % 32).to(tl.int32) >> ((r // 32) * 2)) & 3
+        qh = (tl.load(b + j % 32).to(tl.int32) >> (j // 32)) & 1
+        v = dl * (ql - ((qh ^ 1) << 2)).to(tl.float32)  # high bit clear => -4
     elif QTYPE == _Q4_K:
         # d . dmin . scales[12] . qs[128]; per 64 values: 32 bytes, low nibbles then high ones
         j = k % 256
-        base = row_off + (k // 256) * 144
-        sc, mn = _k_scale_min(w_ptr, base, j // 32)
-        dl = _f16(w_ptr, base) * sc
-        ml = _f16(w_ptr, base + 2) * mn
-        q = (_u8(w_ptr, base + 16 + (j // 64) * 32 + j % 32) >> (((j // 32) % 2) * 4)) & 0x0F
+        b = w + (k // 256) * 144
+        sc, mn = _k_scale_min(b + 4, j // 32)
+        dl = tl.load(b.to(f16)).to(tl.float32) * sc
+        ml = tl.load((b + 2).to(f16)).to(tl.float32) * mn
+        q = (tl.load(b + 16 + (j // 64) * 32 + j % 32).to(tl.int32) >> (((j // 32) % 2) * 4)) & 0x0F
         v = dl * q.to(tl.float32) - ml
     elif QTYPE == _Q5_K:
         # d . dmin . scales[12] . qh[32] . qs[128]
         j = k % 256
-        base = row_off + (k // 256) * 176
-        sc, mn = _k_scale_min(w_ptr, base, j // 32)
-        dl = _f16(w_ptr, base) * sc
-        ml = _f16(w_ptr, base + 2) * mn
-        ql = (_u8(w_ptr, base + 48 + (j // 64) * 32 + j % 32) >> (((j // 32) % 2) * 4)) & 0x0F
-        qh = (_u8(w_ptr, base + 16 + j % 32) >> (j // 32)) & 1
+        b = w + (k // 256) * 176
+        sc, mn = _k_scale_min(b + 4, j // 32)
+        dl = tl.load(b.to(f16)).to(tl.float32) * sc
+        ml = tl.load((b + 2).to(f16)).to(tl.float32) * mn
+        ql = (tl.load(b + 48 + (j // 64) * 32 + j % 32).to(tl.int32) >> (((j // 32) % 2) * 4)) & 0x0F
+        qh = (tl.load(b + 16 + j % 32).to(tl.int32) >> (j // 32)) & 1
         v = dl * (ql | (qh << 4)).to(tl.float32) - ml
     elif QTYPE == _Q6_K:
         # ql[128] . qh[64] . scales int8[16] . d; per 128 values: 64 ql bytes (low nibbles, then
         # high), 32 qh bytes at shifts 0, 2, 4, 6
         j = k % 256
-        base = row_off + (k // 256) * 210
-        sc = tl.load((w_ptr + (base + 192 + j // 16)).to(tl.pointer_type(tl.int8))).to(tl.float32)
-        dl = _f16(w_ptr, base + 208) * sc
+        b = w + (k // 256) * 210
+        dl = tl.load((b + 208).to(f16)).to(tl.float32) * tl.load((b + 192 + j // 16).to(i8)).to(tl.float32)
         h = j // 128
         r = j % 128
-        ql = (_u8(w_ptr, base + h * 64 + r % 64) >> ((r // 64) * 4)) & 0x0F
-        qh = (_u8(w_ptr, base + 128 + h * 32 + r % 32) >> ((r // 32) * 2)) & 3
+        ql = (tl.load(b + h * 64 + r % 64).to(tl.int32) >> ((r // 64) * 4)) & 0x0F
+        qh = (tl.load(b + 128 + h * 32 + r % 32).to(tl.int32) >> ((r // 32) * 2)) & 3
         v = dl * ((ql | (qh << 4)) - 32).to(tl.float32)
     elif QTYPE == _IQ4_NL:
         # d . qs[16], 4-bit indices into the non-linear levels
-        base = row_off + (k // 32) * 18
-        v = _f16(w_ptr, base) * tl.load(lut_ptr + _nibble(w_ptr, base + 2, k % 32))
+        b = w + (k // 32) * 18
+        v = tl.load(b.to(f16)).to(tl.float32) * tl.load(lut_ptr + _nibble(b + 2, k % 32))
     elif QTYPE == _IQ4_XS:
         # d . scales_h u16 . scales_l[4] . qs[128]; six-bit sub-scale = low nibble | 2 high bits << 4, -32
         j = k % 256
-        base = row_off + (k // 256) * 136
+        b = w + (k // 256) * 136
         s = j // 32
-        hi = (_u8(w_ptr, base + 2 + s // 4) >> ((s % 4) * 2)) & 3
-        lo = (_u8(w_ptr, base + 4 + s // 2) >> ((s % 2) * 4)) & 0x0F
-        dl = _f16(w_ptr, base) * ((lo | (hi << 4)) - 32).to(tl.float32)
-        v = dl * tl.load(lut_ptr + _nibble(w_ptr, base + 8, j))
+        hi = (tl.load(b + 2 + s // 4).to(tl.int32) >> ((s % 4) * 2)) & 3
+        lo = (tl.load(b + 4 + s // 2).to(tl.int32) >> ((s % 2) * 4)) & 0x0F
+        dl = tl.load(b.to(f16)).to(tl.float32) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        v = dl * tl.load(lut_ptr + _nibble(b + 8, j))
     elif QTYPE == _MXFP4:
         # e (E8M0) . qs[16]; scale 2^(e-128) from bits: (e-1) << 23 for e >= 2, else the
         # subnormals 2^-128, 2^-127 (0x00200000 << e), as torch_dequant builds it
-        base = row_off + (k // 32) * 17
-        e = _u8(w_ptr, base)
-        bits = tl.where(e < 2, 0x00200000 << tl.minimum(e, 1), (e - 1) << 23)
-        d = bits.to(tl.float32, bitcast=True)
-        v = d * tl.load(lut_ptr + _LUT_MXFP4 + _nibble(w_ptr, base + 1, k % 32))
+        b = w + (k // 32) * 17
+        e = tl.load(b).to(tl.int32)
+        d = tl.where(e < 2, 0x00200000 << tl.minimum(e, 1), (e - 1) << 23).to(tl.float32, bitcast=True)
+        v = d * tl.load(lut_ptr + _LUT_MXFP4 + _nibble(b + 1, k % 32))
     else:
         tl.static_assert(False, "dequant_tile: unsupported QTYPE")
     return v
