@@ -86,6 +86,9 @@ def expert_mlp(store: WeightStore, layer: int, e: int, x: torch.Tensor,
     *gate_up, down = store.expert_names(layer)
 
     def lin(name: str, inp: torch.Tensor) -> torch.Tensor:
+        observer = getattr(store, "observer", None)  # engine.imatrix_collect: each expert's inputs
+        if observer is not None:
+            observer(name, inp, e)
         return quantized_linear(inp, raw_of(name)[e], store.info(name).qtype)
 
     if len(gate_up) == 1:  # fused: gate rows first

@@ -12,6 +12,7 @@ The dequantizers are the torch fast path beside the NumPy quantizers
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,9 @@ class WeightStore:
     """
 
     SMALL = 1 << 16  # tensors up to this many elements (norms, scalars) are cached dequantized
+    # observer(name, x, expert) sees the input rows of every routed expert product (engine.model.expert_mlp);
+    # engine.imatrix_collect sets it to collect an importance matrix; None costs nothing
+    observer: Callable[[str, torch.Tensor, int], None] | None = None
 
     def __init__(self, path: Path | str | GGUFFile):
         self.file = path if isinstance(path, GGUFFile) else GGUFFile(path)
