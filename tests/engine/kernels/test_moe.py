@@ -129,7 +129,7 @@ CASES = [
     (7, 2, 4, 2816, 64, Q.Q4_K, Q.Q8_0, False),
     (7, 2, 4, 256, 704, Q.Q4_K, Q.Q5_0, True),
     pytest.param(7, 4, 5, 2816, 704, Q.Q4_K, Q.Q5_0, True, marks=pytest.mark.slow),
-    pytest.param(64, 8, 8, 2816, 768, Q.Q4_K, Q.Q6_K, False, marks=pytest.mark.slow),
+    pytest.param(7, 2, 4, 2816, 768, Q.Q4_K, Q.Q6_K, False, marks=pytest.mark.slow),
 ]
 
 
