@@ -18,13 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .default_model import NAME as TASK_MODEL_PREFIX
 from .generate import ModelRunner, generate
 from .run import EngineError, LoadedModel, load, resolve_device, sampler_kwargs
-from .sort_task import Example, evaluation_set, is_correct
+from .sort_task import Example, evaluation_set, held_out_count, is_correct
 
 NOISE_LEVELS = (1.0, 0.75, 0.5, 0.25)
-TASK_MODEL_PREFIX = "diffgemma-sort-tiny"
 EOT, PAD = 106, 0
+
+Progress = Callable[[str, int, int], None]  # (what, done, total), called after every example
 
 
 @dataclass
@@ -71,16 +73,19 @@ def canvas_inputs(lm: LoadedModel, examples: Sequence[Example], seed: int) -> li
 
 
 @torch.no_grad()
-def canvas_logits(lm: LoadedModel, inputs: Sequence[CanvasInput]) -> list[torch.Tensor]:
+def canvas_logits(lm: LoadedModel, inputs: Sequence[CanvasInput],
+                  on_example: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Decoder logits [C, V] for every canvas; the prompt is encoded once per example (the decoder
     reads the cache without writing it)."""
     m = lm.model
     out = []
-    for item in inputs:
+    for i, item in enumerate(inputs):
         cache = m.new_cache()
         m.encode(torch.tensor(item.prompt, dtype=torch.long), cache)
         for canvas in item.canvases:
             out.append(m.decode(torch.tensor(canvas, dtype=torch.long), cache).float().cpu())
+        if on_example is not None:
+            on_example(i)
     return out
 
 
@@ -119,11 +124,20 @@ def is_task_model(lm: LoadedModel) -> bool:
     return str(lm.file.kv.get("general.name", "")).startswith(TASK_MODEL_PREFIX)
 
 
-def evaluate(model_path: Path, reference_path: Path, *, examples: int = 200, seed: int = 0,
-             accuracy: bool | None = None, device: str = "cpu",
-             on_progress: Callable[[str], None] | None = None) -> EvalResult:
+def check_examples(examples: int, seed: int = 0) -> None:
+    """Before anything is loaded: a count the held-out set can supply, a seed torch accepts."""
     if examples < 1:
-        raise EngineError("--examples must be at least 1")
+        raise EngineError(f"--examples {examples}: must be at least 1")
+    if examples > held_out_count():
+        raise EngineError(f"--examples {examples}: only {held_out_count()} held-out prompts exist")
+    if seed < 0:
+        raise EngineError(f"--seed {seed}: must be at least 0")
+
+
+def evaluate(model_path: Path, reference_path: Path, *, examples: int = 200, seed: int = 0,
+             accuracy: bool | None = None, device: str = "auto", on_progress: Progress | None = None) -> EvalResult:
+    """The figures of `diffgemma eval`; `on_progress(what, done, total)` follows every example."""
+    check_examples(examples, seed)
     dev = resolve_device(device)
     lm, ref = load(model_path, dev), load(reference_path, dev)
     if lm.model.vocab_size != ref.model.vocab_size or lm.model.spec.canvas_length != ref.model.spec.canvas_length:
@@ -131,15 +145,20 @@ def evaluate(model_path: Path, reference_path: Path, *, examples: int = 200, see
                           "(vocabulary or canvas length differ)")
     exs = evaluation_set(examples)
     inputs = canvas_inputs(ref, exs, seed)
-    if on_progress:
-        on_progress("canvas logits")
-    stats = divergence(canvas_logits(ref, inputs), canvas_logits(lm, inputs))
+    n = len(exs)
+
+    def tick(what: str) -> Callable[..., None] | None:
+        if on_progress is None:
+            return None
+        on_progress(what, 0, n)
+        return lambda i, *_: on_progress(what, i + 1, n)
+
+    ref_logits = canvas_logits(ref, inputs, tick("canvas logits, reference"))
+    stats = divergence(ref_logits, canvas_logits(lm, inputs, tick("canvas logits, model")))
     result = EvalResult(model=str(model_path), reference=str(reference_path), **stats)
     if accuracy is None:
         accuracy = is_task_model(lm)
     if accuracy:
-        if on_progress:
-            on_progress("task accuracy")
-        result.accuracy = task_accuracy(lm, exs, seed)
-        result.reference_accuracy = task_accuracy(ref, exs, seed)
+        result.accuracy = task_accuracy(lm, exs, seed, tick("task accuracy, model"))
+        result.reference_accuracy = task_accuracy(ref, exs, seed, tick("task accuracy, reference"))
     return result

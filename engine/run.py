@@ -6,6 +6,7 @@ an EngineError with a one-line message.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from gguf_tools.reader import GGUFError, GGUFFile
+from gguf_tools.units import SizeError, parse_size
 
 from . import plan_cli
 from .experts import attach_plan, detach
@@ -45,11 +47,48 @@ class RunOptions:
     raw: bool = False
     # placement (engine/placement.py): the compute device's budget, the context the plan and the
     # memory check size (None: prompt + max_new_tokens), llama.cpp-style expert offload rules
-    vram: str | None = None
+    vram: str | int | None = None  # "24GB", or bytes
     ctx: int | None = None
     cpu_moe: bool = False
     n_cpu_moe: int = 0
     override_tensor: tuple[str, ...] = ()
+
+    def check(self) -> RunOptions:
+        """Refuse out-of-range options before anything is loaded; --vram is read into bytes."""
+        for flag, v, low in (("--max-new-tokens", self.max_new_tokens, 1), ("--steps", self.steps, 1),
+                             ("--seed", self.seed, 0), ("--threads", self.threads, 1), ("--ctx", self.ctx, 1),
+                             ("--n-cpu-moe", self.n_cpu_moe, 0)):
+            if v is not None and v < low:
+                raise EngineError(f"{flag} {v}: must be at least {low}")
+        if self.entropy_bound is not None and not (math.isfinite(self.entropy_bound) and self.entropy_bound > 0):
+            raise EngineError(f"--entropy-bound {self.entropy_bound}: must be a number above 0")
+        for flag, v in (("--t-min", self.t_min), ("--t-max", self.t_max)):
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise EngineError(f"{flag} {v}: must be a number of at least 0")
+        if self.t_min is not None and self.t_max is not None and self.t_min > self.t_max:
+            raise EngineError(f"--t-min {self.t_min} is above --t-max {self.t_max}")
+        if self.raw and self.think:
+            raise EngineError("--think switches the chat template's thinking channel; with --raw there is no "
+                              "template (write the thinking turn into the prompt instead)")
+        resolve_device(self.device)
+        if isinstance(self.vram, str):
+            try:
+                self.vram = parse_size(self.vram, "--vram")  # type: ignore[assignment]
+            except SizeError as e:
+                raise EngineError(str(e)) from None
+        return self
+
+
+def check_sampler(kw: dict[str, Any], opts: RunOptions | None = None) -> None:
+    """The sampler settings after the file's defaults were applied, as generate() needs them: a
+    --t-min above the file's t_max is named here, before anything is allocated."""
+    def origin(name: str) -> str:
+        return f"--{name.replace('_', '-')}" if getattr(opts, name, None) is not None else f"the file's {name}"
+
+    if kw["t_max"] <= 0:
+        raise EngineError(f"{origin('t_max')} {kw['t_max']}: must be above 0")
+    if kw["t_min"] > kw["t_max"]:
+        raise EngineError(f"{origin('t_min')} {kw['t_min']} is above {origin('t_max')} {kw['t_max']}")
 
 
 def sampler_kwargs(spec: Any, opts: RunOptions | None = None) -> dict[str, Any]:
@@ -69,7 +108,7 @@ def sampler_kwargs(spec: Any, opts: RunOptions | None = None) -> dict[str, Any]:
 @dataclass
 class RunResult:
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # the generated canvases' ids, at most max_new_tokens (padded after the end)
     prompt_tokens: int
     steps_per_canvas: list[int]
     finished: bool
@@ -80,11 +119,13 @@ class RunResult:
     model: str
     timings: dict[str, float] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
+    answer_tokens: int = 0  # the answer's own tokens: those before the end-of-turn id
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "steps_per_canvas", "finished",
-                                              "prefill_tokens_per_s", "generated_tokens_per_s",
-                                              "peak_memory_bytes", "device", "model", "placement")}
+        return {k: getattr(self, k) for k in ("text", "token_ids", "answer_tokens", "prompt_tokens",
+                                              "steps_per_canvas", "finished", "prefill_tokens_per_s",
+                                              "generated_tokens_per_s", "peak_memory_bytes", "device", "model",
+                                              "placement")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,28 +146,51 @@ class LoadedModel:
     tokenizer: GGUFTokenizer | None
 
 
-def load(path: Path | None, device: torch.device, need_tokenizer: bool = True) -> LoadedModel:
+def open_gguf(path: Path | None) -> GGUFFile:
+    """The diffusion-gemma file at `path` (None: the built-in model, converted on first use)."""
     if path is None:
         from .default_model import default_model_path
 
         path = default_model_path()
     try:
         f = GGUFFile(path)
-        if f.architecture != "diffusion-gemma":
-            raise EngineError(f"{f.path.name}: architecture is {f.architecture!r}, not 'diffusion-gemma'")
+    except GGUFError as e:
+        raise EngineError(str(e)) from None
+    if f.architecture != "diffusion-gemma":
+        raise EngineError(f"{f.path.name}: architecture is {f.architecture!r}, not 'diffusion-gemma'")
+    return f
+
+
+def file_tokenizer(f: GGUFFile) -> GGUFTokenizer:
+    if "tokenizer.ggml.tokens" not in f.kv:
+        raise EngineError(f"{f.path.name}: no tokenizer.ggml.* metadata (a text model needs a vocabulary)")
+    try:
+        return GGUFTokenizer.from_kv(f.kv)
+    except (ValueError, KeyError) as e:
+        raise EngineError(f"{f.path.name}: bad tokenizer metadata ({e})") from None
+
+
+def is_builtin(f: GGUFFile) -> bool:
+    """The embedded sorting model (or a file made from it)."""
+    from .default_model import NAME
+
+    return str(f.kv.get("general.name", "")).startswith(NAME)
+
+
+def prompt_ids(tok: GGUFTokenizer, prompt: str, raw: bool = False, think: bool = False) -> list[int]:
+    """The ids `run` prefills: <bos> + the text with --raw, else the chat template's user turn."""
+    return tok.raw(prompt) if raw else tok.apply_chat([{"role": "user", "content": prompt}], think=think)
+
+
+def load(path: Path | None, device: torch.device, need_tokenizer: bool = True) -> LoadedModel:
+    f = open_gguf(path)
+    try:
         store = WeightStore(f)
     except GGUFError as e:
         raise EngineError(str(e)) from None
     except ValueError as e:  # missing tensors, wrong shapes, unsupported types (named by the store)
         raise EngineError(str(e)) from None
-    tok = None
-    if need_tokenizer:
-        if "tokenizer.ggml.tokens" not in f.kv:
-            raise EngineError(f"{f.path.name}: no tokenizer.ggml.* metadata (a text model needs a vocabulary)")
-        try:
-            tok = GGUFTokenizer.from_kv(f.kv)
-        except (ValueError, KeyError) as e:
-            raise EngineError(f"{f.path.name}: bad tokenizer metadata ({e})") from None
+    tok = file_tokenizer(f) if need_tokenizer else None
     return LoadedModel(f.path, f, DiffusionGemmaModel(store, device), tok)
 
 
@@ -138,32 +202,42 @@ def _peak_memory(device: torch.device) -> int:
 
 def run_prompt(path: Path | None, prompt: str, opts: RunOptions,
                on_text: Callable[[str], None] | None = None,
-               on_step: Callable[[StepInfo], None] | None = None, view: Any = None) -> RunResult:
+               on_step: Callable[[StepInfo], None] | None = None, view: Any = None,
+               on_prompt: Callable[[str, list[int]], None] | None = None) -> RunResult:
     """Generate text for `prompt`; `on_text` receives the new text of each committed canvas;
-    `view` (engine.live.CanvasView) gets the tokenizer and every step."""
+    `view` (engine.live.CanvasView) gets the tokenizer and every step; `on_prompt` the prompt as
+    prefilled (its text with every control token shown, and its ids) before generation starts."""
+    opts.check()
+    device = resolve_device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    device = resolve_device(opts.device)
     lm = load(path, device)
     spec, tok = lm.model.spec, lm.tokenizer
     assert tok is not None
+    if opts.think and is_builtin(lm.file):
+        raise EngineError("the built-in model was not trained with a thinking channel; --think needs a model "
+                          "that was (pass a DiffusionGemma GGUF)")
+    if opts.n_cpu_moe > spec.block_count:
+        raise EngineError(f"--n-cpu-moe {opts.n_cpu_moe}: {lm.path.name} has {spec.block_count} layers")
     if view is not None:
         view.tok = tok
         on_step = view.step
-    ids = tok.raw(prompt) if opts.raw else tok.apply_chat([{"role": "user", "content": prompt}], think=opts.think)
+    ids = prompt_ids(tok, prompt, opts.raw, opts.think)
     s = spec.sampler
     max_new = opts.max_new_tokens if opts.max_new_tokens is not None else s.max_new_tokens
-    if max_new < 1:
-        raise EngineError("--max-new-tokens must be at least 1")
     n_canvas_tokens = -(-max_new // spec.canvas_length) * spec.canvas_length
     if len(ids) + n_canvas_tokens > spec.context_length:
-        raise EngineError(f"prompt ({len(ids)} tokens) plus {n_canvas_tokens} canvas tokens exceeds the "
-                          f"context length {spec.context_length}")
+        raise EngineError(f"the prompt ({len(ids)} tokens) plus {n_canvas_tokens} canvas tokens for "
+                          f"--max-new-tokens {max_new} exceed the context length {spec.context_length}; "
+                          "shorten the prompt or lower --max-new-tokens")
     ctx = len(ids) + max_new if opts.ctx is None else opts.ctx
     if ctx < len(ids) + max_new:
         raise EngineError(f"--ctx {ctx} is less than the prompt ({len(ids)} tokens) plus --max-new-tokens {max_new}")
     if ctx > spec.context_length:
         raise EngineError(f"--ctx {ctx} exceeds the context length {spec.context_length}")
+    check_sampler(sampler_kwargs(spec, opts), opts)
+    if on_prompt is not None:
+        on_prompt(tok.decode(ids, stop_at_eos=False, keep_control=True), ids)
     plan = _place(lm, device, ctx, opts)
     try:
         return _generate(lm, ids, max_new, opts, device, plan, on_text, on_step)
@@ -212,19 +286,24 @@ def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, d
     total = time.perf_counter() - t0
     tokens = [int(t) for t in result.tokens.tolist()]
     decode_s = max(total - runner.prefill_s, 1e-9)
+    eos = set(tok.eos_ids)
     return RunResult(
         text=tok.decode(tokens), token_ids=tokens, prompt_tokens=len(ids), steps_per_canvas=result.steps_per_canvas,
         finished=result.finished, prefill_tokens_per_s=len(ids) / max(runner.prefill_s, 1e-9),
         generated_tokens_per_s=len(tokens) / decode_s, peak_memory_bytes=_peak_memory(device),
         device=str(device), model=str(lm.path), timings={"prefill_s": runner.prefill_s, "total_s": total},
-        placement=_placement_json(lm.model, plan))
+        placement=_placement_json(lm.model, plan, device),
+        answer_tokens=next((n for n, t in enumerate(tokens) if t in eos), len(tokens)))
 
 
-def _placement_json(model: DiffusionGemmaModel, plan: Plan) -> dict[str, Any]:
+def _placement_json(model: DiffusionGemmaModel, plan: Plan, device: torch.device) -> dict[str, Any]:
+    """What the run followed; VRAM figures only when the compute device has VRAM."""
     ex = model.expert_executor
-    return {"ctx": plan.ctx, "vram_budget_bytes": plan.vram_budget_bytes, "planned_gpu_bytes": plan.gpu_bytes,
-            "offloaded": list(plan.offloaded), "layer_modes": {str(i): m for i, m in plan.layer_modes().items()},
-            "executor": dict(ex.stats) if ex is not None else {}}
+    out: dict[str, Any] = {"ctx": plan.ctx}
+    if device.type == "cuda":
+        out.update(vram_budget_bytes=plan.vram_budget_bytes, planned_gpu_bytes=plan.gpu_bytes)
+    return out | {"offloaded": list(plan.offloaded), "layer_modes": {str(i): m for i, m in plan.layer_modes().items()},
+                  "executor": dict(ex.stats) if ex is not None else {}}
 
 
 class _TimedRunner(ModelRunner):
@@ -248,11 +327,15 @@ def compute_logits(path: Path, tokens: list[int], canvas: list[int] | None = Non
     """Encoder logits [P, V] for `tokens`, or, with `canvas`, the decoder's logits [C, V] for the
     canvas after `tokens` were prefilled as context (optionally with self-conditioning [C, V])."""
     dev = resolve_device(device)
+    if not tokens:
+        raise EngineError("--tokens is empty")
+    if self_cond is not None and canvas is None:
+        raise EngineError("--self-cond needs --canvas")
+    if canvas is not None and not canvas:
+        raise EngineError("--canvas is empty")
     lm = load(path, dev, need_tokenizer=False)
     m, spec = lm.model, lm.model.spec
     vocab = m.vocab_size
-    if not tokens:
-        raise EngineError("--tokens is empty")
     for what, ids in (("--tokens", tokens), ("--canvas", canvas or [])):
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -261,8 +344,7 @@ def compute_logits(path: Path, tokens: list[int], canvas: list[int] | None = Non
         raise EngineError(f"{len(tokens) + len(canvas or [])} positions exceed the context length "
                           f"{spec.context_length}")
     if self_cond is not None:
-        if canvas is None:
-            raise EngineError("--self-cond needs --canvas")
+        assert canvas is not None
         if self_cond.shape != (len(canvas), vocab):
             raise EngineError(f"--self-cond has shape {list(self_cond.shape)}, expected [{len(canvas)}, {vocab}]")
         if not np.isfinite(self_cond).all():

@@ -24,6 +24,7 @@ from .arch import ARCH, ArchSpec
 from .atomic import fsync_dir, partial_path, remove_stale_partials
 from .imatrix import USES_IMATRIX, Imatrix, load_imatrix, needs_imatrix_entry
 from .names import TensorEntry, expected_tensors, match_checkpoint
+from .outputs import OutputError, check_output_path
 from .parallel_quant import Shared, check_threads, ordered_map
 from .presets import (
     FLOAT_TYPES,
@@ -180,7 +181,10 @@ def prepare(src: Path, type_name: str = "BF16", arch: str = ARCH,
     from .tokenizer_meta import tokenizer_kv
 
     spec = ArchSpec.from_hf_dir(src)
-    tok_kv = tokenizer_kv(src)
+    try:
+        tok_kv = tokenizer_kv(src)
+    except ValueError as e:  # tokenizer.json missing or malformed: the message names the file
+        raise ConversionError(str(e)) from None
     tokens = next(v for k, v, _ in tok_kv if k == "tokenizer.ggml.tokens")
     if len(tokens) > spec.vocab_size:
         raise ConversionError(f"tokenizer has {len(tokens)} tokens but the embedding only {spec.vocab_size} rows")
@@ -215,12 +219,23 @@ def convert(src: Path, out: Path | None = None, type_name: str = "BF16", arch: s
     src = Path(src)
     plan, ckpt = prepare(src, type_name, arch, overrides, pure=pure, imatrix=imatrix)
     out = Path(out) if out is not None else default_output(src, type_name)
+    refuse_overwriting_inputs(out, src, imatrix)
     source = Shared(ckpt, Checkpoint, ckpt.folder)
     write_atomically(plan, out, lambda t: _tensor_chunks(plan, source, t), reporter, threads)
     return out, plan
 
 
 Chunk = Callable[[], np.ndarray]  # a job that reads, checks and encodes some rows of one tensor
+
+
+def refuse_overwriting_inputs(out: Path, src: Path, imatrix: Imatrix | Path | str | None = None) -> None:
+    """An output that is the source GGUF, a file of the checkpoint folder or the imatrix is refused
+    before anything is written (gguf_tools.outputs)."""
+    im_path = imatrix.path if isinstance(imatrix, Imatrix) else imatrix
+    try:
+        check_output_path(out, [src, im_path])
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
 
 
 def write_atomically(plan: ConversionPlan, out: Path, chunks: Callable[[PlannedTensor], Iterable[Chunk]],

@@ -39,7 +39,9 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "quant_presets"
+from .package_data import data_dir
+
+PRESET_DIR = data_dir(Path(__file__).resolve().parent, "quant_presets")
 DEFAULT_TYPE = "Q4_K_M"  # what `quantize` writes without --type (the engine's default model too)
 
 FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})

@@ -1,51 +1,102 @@
-"""Human-readable tables for plans and file summaries (rich)."""
+"""Human-readable output of `quantize --dry-run` and `inspect`: plain aligned tables (gguf_tools.table)
+that fit the terminal, one line per row in a pipe, sizes in MiB/GiB as llama.cpp prints them."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, TextIO
 
-from rich.console import Console
-from rich.table import Table
+from gguf import GGML_QUANT_SIZES
 
-
-def _size(n: int) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
-
-
-def print_plan(plan: Any, console: Console | None = None) -> None:
-    console = console or Console()
-    t = Table(title=f"{plan.spec.name} -> {plan.preset.name} ({plan.arch})")
-    for col in ("name", "source", "shape", "type", "bytes", "rule"):
-        t.add_column(col, overflow="fold")
-    for r in plan.explain():
-        t.add_row(r["name"], r["source"], "x".join(map(str, r["shape"])), r["type"], _size(r["bytes"]), r["rule"])
-    console.print(t)
-    console.print(f"{len(plan.tensors)} tensors, total {_size(plan.total_bytes)} ({plan.total_bytes} bytes)")
+from .presets import allows_quantization
+from .table import output_width, render
+from .units import fmt_size
 
 
-def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
-    console.print(f"[bold]{s['path']}[/bold]  architecture [bold]{s['architecture']}[/bold]  "
-                  f"{s['tensor_count']} tensors  {_size(s['file_size'])}  {s['bpw']:.2f} bits/weight")
-    kv = Table(title="metadata")
-    kv.add_column("key")
-    kv.add_column("type")
-    kv.add_column("value", overflow="fold")
-    for r in s["kv"]:
-        kv.add_row(r["key"], r["type"], str(r["value"]))
-    console.print(kv)
-    types = Table(title="by type")
-    for col in ("type", "tensors", "elements", "bytes", "bits/weight"):
-        types.add_column(col, justify="right")
-    for r in s["types"]:
-        types.add_row(r["type"], str(r["tensors"]), str(r["elements"]), _size(r["bytes"]), f"{r['bpw']:.2f}")
-    console.print(types)
-    tt = Table(title="tensors")
-    for col in ("name", "type", "shape", "bytes"):
-        tt.add_column(col)
-    for r in s["tensors"]:
-        tt.add_row(r["name"], r["type"], "x".join(map(str, r["shape"])), _size(r["bytes"]))
-    console.print(tt)
+def _out(stream: TextIO | None) -> TextIO:
+    return stream or sys.stdout
+
+
+def _width(stream: TextIO | None, width: int | None) -> int | None:
+    return width if width is not None else output_width(_out(stream))
+
+
+def print_plan(plan: Any, stream: TextIO | None = None, width: int | None = None) -> None:
+    """The conversion plan: every tensor with its source, shape, type, size and the rule that chose it."""
+    out, w = _out(stream), _width(stream, width)
+    out.write(f"{plan.spec.name} -> {plan.preset.name} ({plan.arch})\n\n")
+    rows = [(r["name"], r["source"], "x".join(map(str, r["shape"])), r["type"], fmt_size(r["bytes"]), r["rule"])
+            for r in plan.explain()]
+    out.write(render(("name", "source", "shape", "type", "size", "rule"), rows, width=w, wrap=(5, 1, 0, 2),
+                     right=(4,)))
+    out.write(f"\n{len(plan.tensors)} tensors, total {fmt_size(plan.total_bytes)} ({plan.total_bytes:,} bytes)\n")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict) and "length" in v:  # an array preview (inspect_gguf._preview)
+        return f"[{v['length']} items] " + json.dumps(v["head"], ensure_ascii=False)[:-1] + ", ...]"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # escapes newlines: one row per key
+    return json.dumps(v, ensure_ascii=False) if isinstance(v, list) else str(v)
+
+
+def print_summary(s: dict[str, Any], stream: TextIO | None = None, width: int | None = None) -> None:
+    """`inspect`: the file line, then the key/value, by-type and tensor tables."""
+    out, w = _out(stream), _width(stream, width)
+    out.write(f"{s['path']}\n  architecture {s['architecture']}, {s['tensor_count']} tensors, "
+              f"{fmt_size(s['file_size'])}, {s['bpw']:.2f} bits/weight\n\nmetadata\n")
+    out.write(render(("key", "type", "value"), [(r["key"], r["type"], _value(r["value"])) for r in s["kv"]],
+                     width=w, wrap=(2, 0), indent="  "))
+    out.write("\nby type\n")
+    out.write(render(("type", "tensors", "elements", "size", "bits/weight"),
+                     [(r["type"], r["tensors"], f"{r['elements']:,}", fmt_size(r["bytes"]), f"{r['bpw']:.2f}")
+                      for r in s["types"]], width=w, wrap=(), right=(1, 2, 3, 4), indent="  "))
+    out.write("\ntensors\n")
+    out.write(render(("name", "type", "shape", "size"),
+                     [(r["name"], r["type"], "x".join(map(str, r["shape"])), fmt_size(r["bytes"]))
+                      for r in s["tensors"]], width=w, wrap=(0, 2), right=(3,), indent="  "))
+
+
+_FALLBACK = re.compile(r"fallback (\w+)->(\w+) \(row (\d+)\)")
+
+
+def plan_warnings(plan: Any, overrides: Sequence[Any] = ()) -> list[str]:
+    """What the plan did that the command line did not say: --tensor-type patterns that match no
+    tensor or whose type fell back (llama-quantize's rule when a row is not whole blocks), and, as a
+    note, how many tensors of the preset fell back. Lines for stderr."""
+    lines: list[str] = []
+    hits: dict[int, list[Any]] = {i: [] for i in range(len(overrides))}
+    preset_fallbacks: Counter[str] = Counter()
+    for t in plan.tensors:
+        k = None
+        if not plan.preset.is_float and allows_quantization(t.name, t.shape):
+            k = next((i for i, r in enumerate(overrides) if r.matches(t.name)), None)
+        if k is not None:
+            hits[k].append(t)
+            continue
+        m = _FALLBACK.search(t.rule)
+        if m:
+            preset_fallbacks[f"{m.group(1)}->{m.group(2)}"] += 1
+    for i, r in enumerate(overrides):
+        flag = f"--tensor-type {r.pattern}={r.type.name}"
+        if not hits[i]:
+            lines.append(f"warning: {flag} matched no tensor (patterns are searched in GGUF names such as "
+                         "blk.0.ffn_down_exps.weight)")
+            continue
+        fell: Counter[tuple[str, int]] = Counter()
+        for t in hits[i]:
+            if t.qtype != r.type:
+                fell[(t.qtype.name, t.shape[-1])] += 1
+        for (name, row), n in sorted(fell.items()):
+            block = GGML_QUANT_SIZES[r.type][0]
+            lines.append(f"warning: {flag}: {n} of {len(hits[i])} tensors stored as {name} instead (rows of {row} "
+                         f"values are not whole {r.type.name} blocks of {block}, as in llama-quantize)")
+    if preset_fallbacks:
+        kinds = ", ".join(f"{k} x{n}" for k, n in sorted(preset_fallbacks.items()))
+        lines.append(f"note: {sum(preset_fallbacks.values())} tensors use a fallback type because their rows are "
+                     f"not whole blocks ({kinds}), as llama-quantize does; --dry-run lists them")
+    return lines

@@ -148,11 +148,11 @@ def test_failure_midway_leaves_no_partial_file(ckpt, monkeypatch):
     calls = {"n": 0}
     real = conv.encode_rows
 
-    def fail_later(rows, qtype, what="tensor"):
+    def fail_later(rows, qtype, *args):
         calls["n"] += 1
         if calls["n"] == 20:
             raise KeyboardInterrupt
-        return real(rows, qtype, what)
+        return real(rows, qtype, *args)
 
     monkeypatch.setattr(conv, "encode_rows", fail_later)
     result = run("quantize", ckpt, "--type", "Q8_0")
