@@ -1,0 +1,106 @@
+"""The triton backend (engine.triton_ops.TritonOps) against the torch reference on whole models, under
+the interpreter: prefill logits, a canvas without and with self-conditioning, and a denoising step's
+soft embedding, for files whose tensors cover the kernels' types."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import backend
+from engine.model import DiffusionGemmaModel, TorchOps
+from engine.triton_ops import TritonOps
+from engine.weights import WeightStore
+
+
+@pytest.fixture(scope="module")
+def sort_q4km(tmp_path_factory):
+    """The shipped trained model (hidden 256: K-quant rows) at Q4_K_M: Q4_K, Q6_K, Q5_0, Q8_0, F32."""
+    from engine.default_model import SHIPPED
+    from gguf_tools.convert import convert
+
+    out, _ = convert(SHIPPED, tmp_path_factory.mktemp("sort") / "sort-Q4_K_M.gguf", "Q4_K_M")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tiny_ckpt, tmp_path_factory):
+    from gguf_tools.convert import convert
+
+    out, _ = convert(tiny_ckpt[0], tmp_path_factory.mktemp("tiny-q8") / "tiny-Q8_0.gguf", "Q8_0")
+    return out
+
+
+def _pair(path):
+    store = WeightStore(path)
+    ref = DiffusionGemmaModel(store, "cpu")
+    fast = DiffusionGemmaModel(store, "cpu")
+    backend.apply(fast, backend.resolve("triton", "cpu"))
+    assert isinstance(fast.ops, TritonOps) and isinstance(ref.ops, TorchOps)
+    return ref, fast
+
+
+def _both(ref, fast, fn):
+    return fn(ref), fn(fast)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    # fp32 products in another summation order: differences of a few ulps of the largest terms
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() <= 2e-5 * max(scale, 1.0), (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("which", ["tiny_gguf", "tiny_q8", "sort_q4km"])
+def test_triton_backend_matches_torch(which, request, one_thread):
+    path = request.getfixturevalue(which)
+    ref, fast = _pair(path)
+    vocab = ref.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, vocab, (11,), generator=g)
+    canvas = torch.randint(3, vocab, (ref.canvas_length,), generator=g)
+
+    def run(m):
+        cache = m.new_cache()
+        prefill = m.encode(prompt, cache, return_logits=True)
+        first, soft = m.decode_step(canvas, cache, None, 0.7)
+        second, soft2 = m.decode_step(canvas, cache, soft, 0.7)
+        selfcond = m.decode(canvas, cache, self_cond_logits=first / 0.7)
+        return prefill, first, soft, second, soft2, selfcond
+
+    want, got = run(ref), run(fast)
+    for a, b in zip(got, want):
+        _close(a, b)
+    assert torch.equal(got[3].argmax(-1), want[3].argmax(-1))
+    # every tensor of these files has a kernel
+    assert fast.ops.fallbacks == set()
+    assert fast.ops.last_stats is not None
+
+
+def test_type_without_kernel_runs_on_torch_and_is_reported(tiny_q8, monkeypatch, one_thread):
+    from gguf import GGMLQuantizationType as Q
+
+    import engine.triton_ops as T
+
+    monkeypatch.setattr(T, "KERNEL_QTYPES", frozenset(T.KERNEL_QTYPES) - {Q.Q8_0})
+    ref, fast = _pair(tiny_q8)
+    canvas = torch.arange(3, 3 + ref.canvas_length)
+
+    def run(m):
+        cache = m.new_cache()
+        m.encode(torch.arange(5, 12), cache)
+        return m.decode(canvas, cache)
+
+    _close(run(fast), run(ref))
+    assert fast.ops.fallbacks, "Q8_0 tensors should have been handed to torch"
+    store = fast.weights
+    assert all(store.info(n).qtype == Q.Q8_0 for n in fast.ops.fallbacks)
+    assert backend.describe(fast)["torch_fallback_tensors"] == sorted(fast.ops.fallbacks)
+
+
+def test_resolve_names_the_fallback():
+    # under this directory's conftest the interpreter is on, so triton runs on the CPU
+    assert backend.resolve("triton", "cpu").name == "triton"
+    assert backend.resolve("auto", "cpu").name == "torch"
+    assert backend.resolve("torch", "cpu").name == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        backend.resolve("cuda-magic", "cpu")
