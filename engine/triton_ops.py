@@ -88,4 +88,25 @@ class TritonOps(TorchOps):
         return res.logits, res.soft
 
 
-__all__ = ["TritonOps"]
+
+
+class FusedStepper:
+    """One denoising step for engine.device_sampler on the fast path: the decoder pass and the
+    vocabulary pass (a CUDA graph replay after a canvas's second step), with the entropy and argmax
+    the vocabulary kernel computed in its sweep over the logits instead of another pass over [C, V].
+    The self-conditioning carry is the soft embedding that same sweep produced."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+
+    def denoise_step(self, canvas: torch.Tensor, carry, temperature: torch.Tensor, temp_value: float | None):
+        from engine.device_sampler import StepOutput
+
+        if temp_value is None:
+            raise ValueError("FusedStepper needs the step's temperature as a float")
+        logits, soft = self.model.decode_step(canvas, self.cache, carry, temp_value)
+        stats = self.model.ops.last_stats
+        return StepOutput(logits / temperature, stats.entropy, stats.argmax, soft)
+
+
+__all__ = ["FusedStepper", "TritonOps"]

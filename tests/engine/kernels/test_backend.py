@@ -104,3 +104,21 @@ def test_resolve_names_the_fallback():
     assert backend.resolve("torch", "cpu").name == "torch"
     with pytest.raises(ValueError, match="unknown backend"):
         backend.resolve("cuda-magic", "cpu")
+
+
+def test_fused_steps_generate_what_the_reference_loop_generates(tiny_q8, one_thread):
+    """device_generate over the fast path (vocabulary-kernel entropy/argmax, soft embedding carry)
+    against engine.generate.generate over the torch backend, same seed: same tokens and steps."""
+    from engine.device_sampler import device_generate
+    from engine.generate import ModelRunner, generate
+    from engine.triton_ops import FusedStepper
+
+    ref, fast = _pair(tiny_q8)
+    prompt = torch.arange(5, 14)
+    kw = dict(max_new_tokens=2 * ref.canvas_length, steps=6, entropy_bound=0.5, t_min=0.4, t_max=0.8)
+    want = generate(ModelRunner(ref), prompt, generator=torch.Generator().manual_seed(7), **kw)
+    runner = ModelRunner(fast)
+    got = device_generate(runner, prompt, generator=torch.Generator().manual_seed(7),
+                          stepper=FusedStepper(fast, runner.cache), check_every=3, **kw)
+    assert got.steps_per_canvas == want.steps_per_canvas
+    assert torch.equal(got.tokens, want.tokens)
