@@ -68,8 +68,8 @@ def row_bytes(qtype: Q, k: int) -> int:
     return k // block * size
 
 
-# ---- helpers (inlined by triton). Only two: under the interpreter every call of a device function
-# re-patches triton.language (about a millisecond), which shows in the tests' time.
+# ---- helpers (inlined by triton). Few and coarse: under the interpreter every call of a device
+# function re-patches triton.language (about a millisecond), which shows in the tests' time.
 @triton.jit
 def _nibble(qs, j):
     """Element j of the 4-bit quants at byte pointer(s) qs, in ggml's order: per 32 elements, the 16
@@ -79,16 +79,18 @@ def _nibble(qs, j):
 
 
 @triton.jit
-def _k_scale_min(scales, s):
-    """Q4_K/Q5_K: six-bit (scale, min) of sub-block s from the 12 bytes at pointer(s) `scales`."""
-    lo = s < 4
-    s4 = s % 4
-    a = tl.load(scales + s4).to(tl.int32)
-    b = tl.load(scales + 4 + s4).to(tl.int32)
-    c = tl.load(scales + 8 + s4).to(tl.int32)
-    sc = tl.where(lo, a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30))
-    mn = tl.where(lo, b & 0x3F, (c >> 4) | ((b >> 2) & 0x30))
-    return sc.to(tl.float32), mn.to(tl.float32)
+def _run_starts(k, G: tl.constexpr):
+    """[1, BK] contiguous tile indices -> [1, BK // G]: the first index of each aligned run of G."""
+    BK: tl.constexpr = k.shape[1]
+    return tl.min(tl.reshape(k, (BK // G, G)), axis=1)[None, :]
+
+
+@triton.jit
+def _spread(v, G: tl.constexpr):
+    """[BN, NB] values, one per run of G elements -> [BN, NB * G]."""
+    BN: tl.constexpr = v.shape[0]
+    NB: tl.constexpr = v.shape[1]
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (BN, NB, G)), (BN, NB * G))
 
 
 @triton.jit
@@ -96,12 +98,19 @@ def dequant_tile(w_ptr, lut_ptr, row_off, k_offs, QTYPE: tl.constexpr):
     """float32 [BLOCK_N, BLOCK_K] tile of W.
 
     w_ptr: the raw uint8 tensor; row_off: int64 [BLOCK_N, 1], byte offset of each row's start from
-    w_ptr (3-D expert tensors: (expert * N + n) * row_bytes); k_offs: int [1, BLOCK_K], element
-    indices within the row; lut_ptr: lut(device). No masks: callers keep every row in bounds (clamp
-    row indices, mask the store) and K % BLOCK_K == 0."""
+    w_ptr (3-D expert tensors: (expert * N + n) * row_bytes); k_offs: [1, BLOCK_K] element indices
+    within the row, k0 + tl.arange(0, BLOCK_K) with k0 a multiple of BLOCK_K (BLOCK_K >= 16, a
+    power of two); lut_ptr: lut(device). No masks: callers keep every row in bounds (clamp row
+    indices, mask the store) and K % BLOCK_K == 0.
+
+    Scales are read once per run of G elements that share them ([BLOCK_N, BLOCK_K // G] loads, then
+    spread), which relies on k_offs being contiguous and aligned; quant bits are read per element,
+    contiguous along K so the loads vectorise."""
     f16 = tl.pointer_type(tl.float16)
     i8 = tl.pointer_type(tl.int8)
-    w = w_ptr + row_off.to(tl.int64)  # [BLOCK_N, 1] row starts; column offsets below are [1, BLOCK_K]
+    BK: tl.constexpr = k_offs.shape[1]
+    G32: tl.constexpr = 32 if BK >= 32 else BK  # runs sharing a 32-element block's / sub-block's scale
+    w = w_ptr + row_off.to(tl.int64)  # [BLOCK_N, 1] row starts; column offsets are [1, BLOCK_K]
     k = k_offs
     # float types: cast the row pointers first and index in elements, so the compiler sees loads
     # contiguous along K and vectorises them
@@ -115,107 +124,127 @@ def dequant_tile(w_ptr, lut_ptr, row_off, k_offs, QTYPE: tl.constexpr):
         v = (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     elif QTYPE == _Q8_0:
         # d fp16 . qs int8[32]
-        b = w + (k // 32) * 34
-        q = tl.load((b + 2 + k % 32).to(i8)).to(tl.float32)
-        v = q * tl.load(b.to(f16)).to(tl.float32)
+        bs = w + (_run_starts(k, G32) // 32) * 34
+        d = _spread(tl.load(bs.to(f16)).to(tl.float32), G32)
+        q = tl.load((w + (k // 32) * 34 + 2 + k % 32).to(i8)).to(tl.float32)
+        v = q * d
     elif QTYPE == _Q4_0:
         # d . qs[16]
-        b = w + (k // 32) * 18
-        q = _nibble(b + 2, k % 32) - 8
-        v = tl.load(b.to(f16)).to(tl.float32) * q.to(tl.float32)
+        bs = w + (_run_starts(k, G32) // 32) * 18
+        d = _spread(tl.load(bs.to(f16)).to(tl.float32), G32)
+        q = _nibble(w + (k // 32) * 18 + 2, k % 32) - 8
+        v = d * q.to(tl.float32)
     elif QTYPE == _Q4_1:
         # d . m . qs[16]
-        b = w + (k // 32) * 20
-        q = _nibble(b + 4, k % 32).to(tl.float32)
-        v = tl.load(b.to(f16)).to(tl.float32) * q + tl.load((b + 2).to(f16)).to(tl.float32)
+        bs = w + (_run_starts(k, G32) // 32) * 20
+        d = _spread(tl.load(bs.to(f16)).to(tl.float32), G32)
+        m = _spread(tl.load((bs + 2).to(f16)).to(tl.float32), G32)
+        q = _nibble(w + (k // 32) * 20 + 4, k % 32).to(tl.float32)
+        v = d * q + m
     elif QTYPE == _Q5_0:
         # d . qh u32 (bit j = high bit of element j) . qs[16]
+        bs = w + (_run_starts(k, G32) // 32) * 22
+        d = _spread(tl.load(bs.to(f16)).to(tl.float32), G32)
+        qh = (tl.load(bs + 2).to(tl.int32) | (tl.load(bs + 3).to(tl.int32) << 8)
+              | (tl.load(bs + 4).to(tl.int32) << 16) | (tl.load(bs + 5).to(tl.int32) << 24))
         j = k % 32
-        b = w + (k // 32) * 22
-        qh = (tl.load(b + 2 + j // 8).to(tl.int32) >> (j % 8)) & 1
-        q = (_nibble(b + 6, j) | (qh << 4)) - 16
-        v = tl.load(b.to(f16)).to(tl.float32) * q.to(tl.float32)
+        q = (_nibble(w + (k // 32) * 22 + 6, j) | (((_spread(qh, G32) >> j) & 1) << 4)) - 16
+        v = d * q.to(tl.float32)
     elif QTYPE == _Q5_1:
         # d . m . qh u32 . qs[16]
+        bs = w + (_run_starts(k, G32) // 32) * 24
+        d = _spread(tl.load(bs.to(f16)).to(tl.float32), G32)
+        m = _spread(tl.load((bs + 2).to(f16)).to(tl.float32), G32)
+        qh = (tl.load(bs + 4).to(tl.int32) | (tl.load(bs + 5).to(tl.int32) << 8)
+              | (tl.load(bs + 6).to(tl.int32) << 16) | (tl.load(bs + 7).to(tl.int32) << 24))
         j = k % 32
-        b = w + (k // 32) * 24
-        qh = (tl.load(b + 4 + j // 8).to(tl.int32) >> (j % 8)) & 1
-        q = (_nibble(b + 8, j) | (qh << 4)).to(tl.float32)
-        v = tl.load(b.to(f16)).to(tl.float32) * q + tl.load((b + 2).to(f16)).to(tl.float32)
+        q = (_nibble(w + (k // 32) * 24 + 8, j) | (((_spread(qh, G32) >> j) & 1) << 4)).to(tl.float32)
+        v = d * q + m
     elif QTYPE == _Q2_K:
-        # scales[16] (low nibble scale, high nibble min) . qs[64] . d . dmin
-        j = k % 256
-        b = w + (k // 256) * 84
-        sc = tl.load(b + j // 16).to(tl.int32)
-        dl = tl.load((b + 80).to(f16)).to(tl.float32) * (sc & 0x0F).to(tl.float32)
-        ml = tl.load((b + 82).to(f16)).to(tl.float32) * (sc >> 4).to(tl.float32)
+        # scales[16] (low nibble scale, high nibble min) . qs[64] . d . dmin; runs of 16 share a scale
+        ks = _run_starts(k, 16)
+        bs = w + (ks // 256) * 84
+        sc = tl.load(bs + (ks % 256) // 16).to(tl.int32)
+        dl = _spread(tl.load((bs + 80).to(f16)).to(tl.float32) * (sc & 0x0F).to(tl.float32), 16)
+        ml = _spread(tl.load((bs + 82).to(f16)).to(tl.float32) * (sc >> 4).to(tl.float32), 16)
         # per 128-value half: byte l holds elements l, l+32, l+64, l+96 at shifts 0, 2, 4, 6
+        j = k % 256
         r = j % 128
-        q = (tl.load(b + 16 + (j // 128) * 32 + r % 32).to(tl.int32) >> ((r // 32) * 2)) & 3
+        q = (tl.load(w + (k // 256) * 84 + 16 + (j // 128) * 32 + r % 32).to(tl.int32) >> ((r // 32) * 2)) & 3
         v = dl * q.to(tl.float32) - ml
     elif QTYPE == _Q3_K:
         # hmask[32] . qs[64] . scales[12] . d; 16 six-bit scales: low 4 bits from bytes 0-7 (low
         # nibble for sub-blocks 0-7, high for 8-15), top 2 bits from bytes 8-11
+        ks = _run_starts(k, 16)
+        bs = w + (ks // 256) * 110
+        s = (ks % 256) // 16
+        lo = (tl.load(bs + 96 + s % 8).to(tl.int32) >> ((s // 8) * 4)) & 0x0F
+        hi = (tl.load(bs + 104 + s % 4).to(tl.int32) >> ((s // 4) * 2)) & 0x03
+        dl = _spread(tl.load((bs + 108).to(f16)).to(tl.float32) * ((lo | (hi << 4)) - 32).to(tl.float32), 16)
         j = k % 256
-        b = w + (k // 256) * 110
-        s = j // 16
-        lo = (tl.load(b + 96 + s % 8).to(tl.int32) >> ((s // 8) * 4)) & 0x0F
-        hi = (tl.load(b + 104 + s % 4).to(tl.int32) >> ((s // 4) * 2)) & 0x03
-        dl = tl.load((b + 108).to(f16)).to(tl.float32) * ((lo | (hi << 4)) - 32).to(tl.float32)
         r = j % 128
+        b = w + (k // 256) * 110
         ql = (tl.load(b + 32 + (j // 128) * 32 + r % 32).to(tl.int32) >> ((r // 32) * 2)) & 3
         qh = (tl.load(b + j % 32).to(tl.int32) >> (j // 32)) & 1
         v = dl * (ql - ((qh ^ 1) << 2)).to(tl.float32)  # high bit clear => -4
-    elif QTYPE == _Q4_K:
-        # d . dmin . scales[12] . qs[128]; per 64 values: 32 bytes, low nibbles then high ones
+    elif QTYPE == _Q4_K or QTYPE == _Q5_K:  # noqa: SIM109 (constexpr compare in a jit function)
+        # Q4_K: d . dmin . scales[12] . qs[128]; Q5_K: d . dmin . scales[12] . qh[32] . qs[128].
+        # 8 six-bit (scale, min) pairs: sub-blocks 0-3 in the low 6 bits of bytes 0-3 / 4-7; 4-7 in
+        # the nibbles of bytes 8-11 plus the top 2 bits of bytes 0-3 / 4-7
+        TS: tl.constexpr = 144 if QTYPE == _Q4_K else 176
+        QS: tl.constexpr = 16 if QTYPE == _Q4_K else 48
+        ks = _run_starts(k, G32)
+        bs = w + (ks // 256) * TS
+        s = (ks % 256) // 32
+        s4 = s % 4
+        a = tl.load(bs + 4 + s4).to(tl.int32)
+        bb = tl.load(bs + 8 + s4).to(tl.int32)
+        c = tl.load(bs + 12 + s4).to(tl.int32)
+        sc = tl.where(s < 4, a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)).to(tl.float32)
+        mn = tl.where(s < 4, bb & 0x3F, (c >> 4) | ((bb >> 2) & 0x30)).to(tl.float32)
+        dl = _spread(tl.load(bs.to(f16)).to(tl.float32) * sc, G32)
+        ml = _spread(tl.load((bs + 2).to(f16)).to(tl.float32) * mn, G32)
+        # per 64 values: 32 bytes, low nibbles then high ones
         j = k % 256
-        b = w + (k // 256) * 144
-        sc, mn = _k_scale_min(b + 4, j // 32)
-        dl = tl.load(b.to(f16)).to(tl.float32) * sc
-        ml = tl.load((b + 2).to(f16)).to(tl.float32) * mn
-        q = (tl.load(b + 16 + (j // 64) * 32 + j % 32).to(tl.int32) >> (((j // 32) % 2) * 4)) & 0x0F
+        b = w + (k // 256) * TS
+        q = (tl.load(b + QS + (j // 64) * 32 + j % 32).to(tl.int32) >> (((j // 32) % 2) * 4)) & 0x0F
+        if QTYPE == _Q5_K:
+            q = q | (((tl.load(b + 16 + j % 32).to(tl.int32) >> (j // 32)) & 1) << 4)
         v = dl * q.to(tl.float32) - ml
-    elif QTYPE == _Q5_K:
-        # d . dmin . scales[12] . qh[32] . qs[128]
-        j = k % 256
-        b = w + (k // 256) * 176
-        sc, mn = _k_scale_min(b + 4, j // 32)
-        dl = tl.load(b.to(f16)).to(tl.float32) * sc
-        ml = tl.load((b + 2).to(f16)).to(tl.float32) * mn
-        ql = (tl.load(b + 48 + (j // 64) * 32 + j % 32).to(tl.int32) >> (((j // 32) % 2) * 4)) & 0x0F
-        qh = (tl.load(b + 16 + j % 32).to(tl.int32) >> (j // 32)) & 1
-        v = dl * (ql | (qh << 4)).to(tl.float32) - ml
     elif QTYPE == _Q6_K:
         # ql[128] . qh[64] . scales int8[16] . d; per 128 values: 64 ql bytes (low nibbles, then
-        # high), 32 qh bytes at shifts 0, 2, 4, 6
+        # high), 32 qh bytes at shifts 0, 2, 4, 6; runs of 16 share a scale
+        ks = _run_starts(k, 16)
+        bs = w + (ks // 256) * 210
+        sc = tl.load((bs + 192 + (ks % 256) // 16).to(i8)).to(tl.float32)
+        dl = _spread(tl.load((bs + 208).to(f16)).to(tl.float32) * sc, 16)
         j = k % 256
-        b = w + (k // 256) * 210
-        dl = tl.load((b + 208).to(f16)).to(tl.float32) * tl.load((b + 192 + j // 16).to(i8)).to(tl.float32)
         h = j // 128
         r = j % 128
+        b = w + (k // 256) * 210
         ql = (tl.load(b + h * 64 + r % 64).to(tl.int32) >> ((r // 64) * 4)) & 0x0F
         qh = (tl.load(b + 128 + h * 32 + r % 32).to(tl.int32) >> ((r // 32) * 2)) & 3
         v = dl * ((ql | (qh << 4)) - 32).to(tl.float32)
     elif QTYPE == _IQ4_NL:
         # d . qs[16], 4-bit indices into the non-linear levels
-        b = w + (k // 32) * 18
-        v = tl.load(b.to(f16)).to(tl.float32) * tl.load(lut_ptr + _nibble(b + 2, k % 32))
+        bs = w + (_run_starts(k, G32) // 32) * 18
+        d = _spread(tl.load(bs.to(f16)).to(tl.float32), G32)
+        v = d * tl.load(lut_ptr + _nibble(w + (k // 32) * 18 + 2, k % 32))
     elif QTYPE == _IQ4_XS:
         # d . scales_h u16 . scales_l[4] . qs[128]; six-bit sub-scale = low nibble | 2 high bits << 4, -32
-        j = k % 256
-        b = w + (k // 256) * 136
-        s = j // 32
-        hi = (tl.load(b + 2 + s // 4).to(tl.int32) >> ((s % 4) * 2)) & 3
-        lo = (tl.load(b + 4 + s // 2).to(tl.int32) >> ((s % 2) * 4)) & 0x0F
-        dl = tl.load(b.to(f16)).to(tl.float32) * ((lo | (hi << 4)) - 32).to(tl.float32)
-        v = dl * tl.load(lut_ptr + _nibble(b + 8, j))
+        ks = _run_starts(k, G32)
+        bs = w + (ks // 256) * 136
+        s = (ks % 256) // 32
+        hi = (tl.load(bs + 2 + s // 4).to(tl.int32) >> ((s % 4) * 2)) & 3
+        lo = (tl.load(bs + 4 + s // 2).to(tl.int32) >> ((s % 2) * 4)) & 0x0F
+        dl = _spread(tl.load(bs.to(f16)).to(tl.float32) * ((lo | (hi << 4)) - 32).to(tl.float32), G32)
+        v = dl * tl.load(lut_ptr + _nibble(w + (k // 256) * 136 + 8, k % 256))
     elif QTYPE == _MXFP4:
         # e (E8M0) . qs[16]; scale 2^(e-128) from bits: (e-1) << 23 for e >= 2, else the
         # subnormals 2^-128, 2^-127 (0x00200000 << e), as torch_dequant builds it
-        b = w + (k // 32) * 17
-        e = tl.load(b).to(tl.int32)
-        d = tl.where(e < 2, 0x00200000 << tl.minimum(e, 1), (e - 1) << 23).to(tl.float32, bitcast=True)
-        v = d * tl.load(lut_ptr + _LUT_MXFP4 + _nibble(b + 1, k % 32))
+        e = tl.load(w + (_run_starts(k, G32) // 32) * 17).to(tl.int32)
+        d = _spread(tl.where(e < 2, 0x00200000 << tl.minimum(e, 1), (e - 1) << 23).to(tl.float32, bitcast=True), G32)
+        v = d * tl.load(lut_ptr + _LUT_MXFP4 + _nibble(w + (k // 32) * 17 + 1, k % 32))
     else:
         tl.static_assert(False, "dequant_tile: unsupported QTYPE")
     return v

@@ -51,7 +51,7 @@ SMALL_M = 64  # up to this many rows: the GEMV-like config
 def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [k, n] product."""
     if INTERPRET:
-        bm, bn, bk_max, warps = 64, 32, 256, 4
+        bm, bn, bk_max, warps = 64, 64, 256, 4
     elif m <= SMALL_M:
         bm, warps, bk_max = 16, 4, 256
         # aim for >= ~2 programs per SM of a 132-SM H100 while N tiles stay >= 16 rows

@@ -65,15 +65,18 @@ def test_quantized_rows_bit_identical(qtype):
 
 
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("block_k", [16, 64, 256])
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
-def test_random_bytes_bit_identical(qtype):
+def test_random_bytes_bit_identical(qtype, block_k):
     # every bit pattern of scales, mins, signs and high bits, not only those a quantizer writes
-    # (fp16 inf/NaN scales included)
+    # (fp16 inf/NaN scales included); tiles narrower than a block (16), a few blocks or sub-blocks
+    # (64) and a whole K-quant super-block (256)
     block, size = GGML_QUANT_SIZES[qtype]
-    k = max(block, 256)
+    k = 256 if block_k == 16 else 512
     g = torch.Generator().manual_seed(int(qtype))
     raw = torch.randint(0, 256, (9, k // block * size), dtype=torch.uint8, generator=g)
-    assert_bits_equal(triton_dequantize(raw, qtype, k), dequantize(raw, qtype))
+    got = triton_dequantize(raw, qtype, k, block_n=16, block_k=block_k)  # rows 9-15 clamped
+    assert_bits_equal(got, dequantize(raw, qtype))
 
 
 def test_row_offsets_address_expert_slices():

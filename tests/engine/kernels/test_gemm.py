@@ -28,7 +28,7 @@ WIDTHS = {
 }
 # M = 100 spans two 64-row tiles of the interpreter config; 1, 5 and 16 are partial single tiles
 CASES = [(q, k, ms) for q, ks in WIDTHS.items() for k, ms in zip(ks, ((1, 100), (5, 16)))]
-N = 40  # not a multiple of the 32-row tile
+N = 40  # not a multiple of 16 (the GPU configs' narrowest N tile), less than the interpreter's 64
 U = 2.0**-24
 
 
