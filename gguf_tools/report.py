@@ -26,13 +26,20 @@ def _width(stream: TextIO | None, width: int | None) -> int | None:
 
 
 def print_plan(plan: Any, stream: TextIO | None = None, width: int | None = None) -> None:
-    """The conversion plan: every tensor with its source, shape, type, size and the rule that chose it."""
+    """The conversion plan: every tensor with its source, shape, type, size and the rule that chose it.
+    One line per tensor when that fits (always in a pipe); on a narrower terminal the source and the
+    rule go on an indented line of their own under the tensor's row."""
     out, w = _out(stream), _width(stream, width)
     out.write(f"{plan.spec.name} -> {plan.preset.name} ({plan.arch})\n\n")
     rows = [(r["name"], r["source"], "x".join(map(str, r["shape"])), r["type"], fmt_size(r["bytes"]), r["rule"])
             for r in plan.explain()]
-    out.write(render(("name", "source", "shape", "type", "size", "rule"), rows, width=w, wrap=(5, 1, 0, 2),
-                     right=(4,)))
+    headers = ("name", "source", "shape", "type", "size", "rule")
+    one_line = render(headers, rows, width=None, right=(4,))
+    if w is None or max(map(len, one_line.splitlines())) <= w:
+        out.write(one_line)
+    else:
+        out.write(render(headers[:1] + headers[2:5], [r[:1] + r[2:5] for r in rows], width=w, wrap=(0, 1),
+                         right=(3,), notes=[f"from {r[1]}: {r[5]}" for r in rows]))
     out.write(f"\n{len(plan.tensors)} tensors, total {fmt_size(plan.total_bytes)} ({plan.total_bytes:,} bytes)\n")
 
 
@@ -87,14 +94,15 @@ def plan_warnings(plan: Any, overrides: Sequence[Any] = ()) -> list[str]:
             lines.append(f"warning: {flag} matched no tensor (patterns are searched in GGUF names such as "
                          "blk.0.ffn_down_exps.weight)")
             continue
-        fell: Counter[tuple[str, int]] = Counter()
+        fell: dict[str, list[Any]] = {}
         for t in hits[i]:
             if t.qtype != r.type:
-                fell[(t.qtype.name, t.shape[-1])] += 1
-        for (name, row), n in sorted(fell.items()):
-            block = GGML_QUANT_SIZES[r.type][0]
-            lines.append(f"warning: {flag}: {n} of {len(hits[i])} tensors stored as {name} instead (rows of {row} "
-                         f"values are not whole {r.type.name} blocks of {block}, as in llama-quantize)")
+                fell.setdefault(t.qtype.name, []).append(t)
+        for name, ts in sorted(fell.items()):
+            rows = ", ".join(str(n) for n in sorted({t.shape[-1] for t in ts}))
+            lines.append(f"warning: {flag}: {len(ts)} of {len(hits[i])} tensors stored as {name} instead (rows of "
+                         f"{rows} values are not whole {r.type.name} blocks of {GGML_QUANT_SIZES[r.type][0]}, as "
+                         "in llama-quantize)")
     if preset_fallbacks:
         kinds = ", ".join(f"{k} x{n}" for k, n in sorted(preset_fallbacks.items()))
         lines.append(f"note: {sum(preset_fallbacks.values())} tensors use a fallback type because their rows are "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -56,19 +57,25 @@ def wrap_name(text: str, width: int) -> list[str]:
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[object]], *, width: int | None = None,
-           wrap: Sequence[int] = (0,), right: Sequence[int] = (), indent: str = "") -> str:
+           wrap: Sequence[int] = (0,), right: Sequence[int] = (), indent: str = "",
+           notes: Sequence[str] | None = None) -> str:
     """Aligned columns under a header and a rule. `wrap`: the columns that may be broken when the
-    table is wider than `width` (widest first); `right`: right-aligned columns (numbers)."""
+    table is wider than `width` (widest first); `right`: right-aligned columns (numbers); `notes`:
+    a line of prose under each row, indented and wrapped at spaces to `width`."""
     cells = [[str(c) for c in r] for r in rows]
     n = len(headers)
     widths = [max([len(headers[i])] + [len(r[i]) for r in cells]) for i in range(n)]
     if width is not None:
         _fit(widths, headers, width - len(indent), wrap)
     lines = [_line(list(headers), widths, right, indent), _line(["-" * w for w in widths], widths, right, indent)]
-    for r in cells:
+    pad = indent + "    "
+    for n, r in enumerate(cells):
         parts = [wrap_name(c, widths[i]) if i in wrap else [c] for i, c in enumerate(r)]
         for k in range(max(len(p) for p in parts)):
             lines.append(_line([p[k] if k < len(p) else "" for p in parts], widths, right, indent))
+        if notes is not None and notes[n]:
+            lines += textwrap.wrap(notes[n], width, initial_indent=pad, subsequent_indent=pad + "  ",
+                                   break_on_hyphens=False) if width else [pad + notes[n]]
     return "\n".join(lines) + "\n"
 
 
