@@ -559,6 +559,46 @@ def eval_(
         typer.echo(f"task accuracy   {100 * r.accuracy:.1f}% (reference {100 * r.reference_accuracy:.1f}%)")
 
 
+@command()
+def imatrix(
+    model: Path | None = typer.Argument(None, metavar="[MODEL.gguf]", show_default=False,
+                                        help="A diffusion-gemma GGUF (default: the built-in model)."),
+    out: Path = typer.Option(..., "-o", "--out", metavar="OUT.gguf", show_default=False,
+                             help="The importance matrix, in llama.cpp's GGUF imatrix format."),
+    data: Path | None = typer.Option(None, "--data", metavar="TEXT_FILE",
+                                     help="Calibration text (UTF-8), cut into --ctx token chunks (default for the "
+                                          "built-in model: its own calibration prompts; needed for any other)."),
+    chunks: int | None = typer.Option(None, "--chunks", metavar="N", show_default=False,
+                                      help="At most N chunks (default: all of --data; 128 built-in prompts)."),
+    ctx: int = typer.Option(512, "--ctx", metavar="N", help="Tokens per chunk of --data; the last canvas-length "
+                                                             "tokens of each are the canvas of its decoder passes."),
+    mode: str = typer.Option("both", "--mode", metavar="causal|diffusion|both",
+                             help="Encoder passes (llama-imatrix's way), decoder passes over noised canvases with "
+                                  "self-conditioning, or both."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for the canvas noise."),
+    device: str = _device_option(),
+    threads: int | None = _threads_option(),
+    vram: str | None = typer.Option(None, "--vram", metavar="SIZE",
+                                    help="VRAM budget, e.g. 24GB (default: the free VRAM); experts that do not fit "
+                                         "are offloaded as in run."),
+    cpu_moe: bool = _cpu_moe_option(),
+    n_cpu_moe: int = _n_cpu_moe_option(),
+) -> None:
+    """Measure an importance matrix with this engine, in encoder and decoder mode.
+
+    Sums of squared inputs per column of every weight matrix (per expert for the expert tensors) and
+    their row counts, for quantize --imatrix and llama-quantize --imatrix."""
+    from engine.imatrix_collect import ImatrixOptions, make_imatrix
+    from gguf_tools.bars import StepBar
+
+    opts = ImatrixOptions(data=data, chunks=chunks, ctx=ctx, mode=mode, seed=seed, device=device, threads=threads,
+                          vram=vram, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe)
+    opts.check(model, out)
+    with StepBar() as bar:
+        path, stats, n = make_imatrix(model, out, opts, on_sample=lambda d, t: bar.update(f"{mode} passes", d, t))
+    typer.echo(f"wrote {path} ({len(stats.entries())} matrices, {n} chunks, mode {mode})")
+
+
 def main() -> None:
     app()
 

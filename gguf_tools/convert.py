@@ -146,6 +146,11 @@ def check_imatrix(plan: ConversionPlan) -> None:
         return
     if plan.preset.is_float:
         raise PresetError(f"--imatrix needs a quantized type, not {plan.preset.name}")
+    names = {t.name for t in plan.tensors}
+    stray = sorted(n for n in plan.imatrix.entries if n not in names and n != "output.weight")
+    if stray:  # llama-quantize would ignore them; here they mean the matrix was made for another model
+        raise ConversionError(f"imatrix {plan.imatrix.path} has {len(stray)} entries for tensors this model does "
+                              f"not have (first: {stray[0]}); it was made for another model")
     for t in plan.tensors:
         if t.qtype == t.source_type:  # copied, not quantized
             continue
