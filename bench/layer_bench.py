@@ -7,12 +7,13 @@ A synthetic checkpoint with the released shapes (gguf_tools.synthetic.full_size_
 config, one layer: hidden 2816, 16 heads of 256 / 8 KV heads, 128 experts of 704, dense MLP 2112) is
 converted once to a gemma4-architecture BF16 (or --src-type F16) GGUF, the input llama-quantize accepts.
 Both sides then turn that same file into the preset, in this process:
-- ours: gguf_tools.requantize.requantize (what `diffgemma quantize FILE --type P` runs);
+- ours: gguf_tools.requantize.requantize with threads = --threads (what `diffgemma quantize FILE --type P
+  --threads N` runs: N worker processes, gguf_tools.parallel_quant);
 - llama.cpp: llama_model_quantize from llama-cpp-python's shared library (what `llama-quantize` runs), with
   nthread = --threads, followed by an fsync of its output because ours fsyncs before renaming.
-Our quantizers are NumPy and use one core; --threads also pins NumPy/torch/BLAS pools and llama.cpp's
-workers, so the default (1) is the like-for-like comparison. Runs alternate (ours, llama.cpp, ours, ...)
-and the best of --reps is kept, for wall time and for process CPU time (all threads) separately. The two
+--threads also pins NumPy/torch/BLAS pools to one thread per worker. Runs alternate (ours, llama.cpp, ours,
+...) and the best of --reps is kept, for wall time and for CPU time (this process and its finished worker
+processes, all threads) separately. The two
 outputs are compared byte for byte. --vocab shrinks the tied token embedding (Q6_K under Q4_K_M), which
 otherwise costs about as much as the layer, and the tokenizer metadata; the default is the real 262144. Our
 time includes requantize's metadata pass (the validated parse of the header, tokenizer arrays included:
@@ -113,10 +114,16 @@ def llama_quantize(inp: Path, out: Path, preset: str, threads: int) -> None:
     print(f"  llama.cpp output fsync: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its children that have ended (our worker processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def timed(fn) -> tuple[float, float]:
-    w0, c0 = time.perf_counter(), time.process_time()
+    w0, c0 = time.perf_counter(), _cpu()
     fn()
-    return time.perf_counter() - w0, time.process_time() - c0
+    return time.perf_counter() - w0, _cpu() - c0
 
 
 def main() -> None:
@@ -137,7 +144,7 @@ def main() -> None:
     best = {"ours": [float("inf")] * 2, "llama.cpp": [float("inf")] * 2}
     for rep in range(ARGS.reps):
         for side, fn in (
-            ("ours", lambda: requantize(inp, ours_out, ARGS.preset)),
+            ("ours", lambda: requantize(inp, ours_out, ARGS.preset, threads=ARGS.threads)),
             ("llama.cpp", lambda: llama_quantize(inp, llama_out, ARGS.preset, ARGS.threads)),
         ):
             wall, cpu = timed(fn)
