@@ -58,6 +58,16 @@ def resolve(requested: str, device: torch.device | str) -> BackendChoice:
                                              "running with --backend torch")
 
 
+def for_planning(requested: str) -> str:
+    """The backend a plan is sized for: triton when asked for, or for auto when this machine's CUDA
+    device would run it; a plan may be made for another machine, so triton is never refused here."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r} (choose from {', '.join(BACKENDS)})")
+    if requested == "auto":
+        return "triton" if torch.cuda.is_available() and triton_problem(torch.device("cuda")) is None else "torch"
+    return requested
+
+
 def apply(model, choice: BackendChoice) -> None:
     """Give `model` (engine.model.DiffusionGemmaModel) the operations `choice` names."""
     from engine.model import TorchOps
@@ -85,4 +95,4 @@ def describe(model) -> dict:
     return out
 
 
-__all__ = ["BACKENDS", "BackendChoice", "apply", "describe", "resolve", "triton_problem"]
+__all__ = ["BACKENDS", "BackendChoice", "apply", "describe", "for_planning", "resolve", "triton_problem"]

@@ -20,7 +20,7 @@ import torch
 
 from .default_model import NAME as TASK_MODEL_PREFIX
 from .generate import ModelRunner, generate
-from .run import EngineError, LoadedModel, load, resolve_device, sampler_kwargs
+from .run import EngineError, LoadedModel, load, resolve_device, sampler_kwargs, use_backend
 from .sort_task import Example, evaluation_set, held_out_count, is_correct
 
 NOISE_LEVELS = (1.0, 0.75, 0.5, 0.25)
@@ -135,11 +135,15 @@ def check_examples(examples: int, seed: int = 0) -> None:
 
 
 def evaluate(model_path: Path, reference_path: Path, *, examples: int = 200, seed: int = 0,
-             accuracy: bool | None = None, device: str = "auto", on_progress: Progress | None = None) -> EvalResult:
-    """The figures of `diffgemma eval`; `on_progress(what, done, total)` follows every example."""
+             accuracy: bool | None = None, device: str = "auto", on_progress: Progress | None = None,
+             backend: str = "auto", on_notice: Callable[[str], None] | None = None) -> EvalResult:
+    """The figures of `diffgemma eval`; `on_progress(what, done, total)` follows every example. Both
+    models run on `backend` (engine/backend.py); `on_notice` hears of a triton request run on torch."""
     check_examples(examples, seed)
     dev = resolve_device(device)
     lm, ref = load(model_path, dev), load(reference_path, dev)
+    use_backend(lm.model, backend, dev, on_notice)
+    use_backend(ref.model, backend, dev)
     if lm.model.vocab_size != ref.model.vocab_size or lm.model.spec.canvas_length != ref.model.spec.canvas_length:
         raise EngineError(f"{model_path.name} and {reference_path.name} are not the same model "
                           "(vocabulary or canvas length differ)")

@@ -422,8 +422,9 @@ def kv_entries(spec: ArchSpec, ctx: int, dtype_bytes: int) -> tuple[KVEntry, ...
 
 
 def fixed_buffers(spec: ArchSpec, tensors: Sequence[TensorSize], ctx: int, canvas: int, dtype_bytes: int,
-                  prefill_chunk: int, vocab_chunk: int) -> list[Buffer]:
-    """Working memory that does not depend on placement (see the module docstring)."""
+                  prefill_chunk: int, vocab_chunk: int, backend: str = "torch") -> list[Buffer]:
+    """Working memory that does not depend on placement (see the module docstring). The triton
+    backend reads weights in place: a kernel workspace replaces the dequantization scratch."""
     V, H = spec.vocab_size, spec.embedding_length
     C, T = canvas, max(canvas, prefill_chunk)
     logits = C * V * 4
@@ -453,9 +454,22 @@ def fixed_buffers(spec: ArchSpec, tensors: Sequence[TensorSize], ctx: int, canva
     act = T * (8 * H * 4 + 3 * qdim * dtype_bytes + 3 * F * dtype_bytes + E * 4 * 2 + k * H * dtype_bytes * 2
                + k * 4 * 4) + 3 * T * min(vocab_chunk, V) * 4
     out.append(Buffer("activations", act, "activations (hidden, q/k/v, MLP, MoE, vocab chunk)"))
-    out.append(Buffer("dequant", dequant_scratch(spec, tensors, dtype_bytes, vocab_chunk),
-                      "dequantization scratch (largest per-use operand)"))
+    if backend == "triton":
+        out.append(Buffer("kernels", kernel_workspace(spec, T, dtype_bytes),
+                          "kernel workspace (grouped-MoE slots, top-k accumulator, split-V partials)"))
+    else:
+        out.append(Buffer("dequant", dequant_scratch(spec, tensors, dtype_bytes, vocab_chunk),
+                          "dequantization scratch (largest per-use operand)"))
     return out
+
+
+def kernel_workspace(spec: ArchSpec, rows: int, dtype_bytes: int) -> int:
+    """engine/kernels: the grouped MoE's padded slots (rows x top-k plus up to 63 padding rows per
+    expert) holding gelu(gate) * up, its fp32 top-k accumulator, and the vocabulary pass's split-V
+    partial soft embeddings (at most 64 splits of C x H fp32)."""
+    k, E, F, H = spec.expert_used_count, spec.expert_count, spec.expert_feed_forward_length, spec.embedding_length
+    slots = rows * k + min(E, rows * k) * 63
+    return slots * F * dtype_bytes + rows * H * 4 + 64 * spec.canvas_length * H * 4
 
 
 def dequant_scratch(spec: ArchSpec, tensors: Sequence[TensorSize], dtype_bytes: int, vocab_chunk: int) -> int:
@@ -504,7 +518,7 @@ def plan_placement(spec: ArchSpec, tensors: Sequence[TensorSize], *, ctx: int, v
                    rules: Sequence[PlacementRule] = (), dtype: str = "bf16", offload_mode: str = "auto",
                    costs: CostModel | None = None, reserve: int = DEFAULT_RESERVE,
                    prefill_chunk: int = DEFAULT_CANVAS_PREFILL_CHUNK, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                   label: str = "") -> Plan:
+                   label: str = "", backend: str = "torch") -> Plan:
     """The placement of `tensors` for a run of `ctx` tokens of context (see the module docstring).
 
     offload_mode: "auto" (the cost model picks CPU compute or streaming per offloaded layer), "cpu" or
@@ -558,7 +572,7 @@ def plan_placement(spec: ArchSpec, tensors: Sequence[TensorSize], *, ctx: int, v
 
     # 3. what does not depend on the expert choice
     kv = kv_entries(spec, ctx, nb)
-    buffers = fixed_buffers(spec, tensors, ctx, canvas, nb, prefill_chunk, vocab_chunk)
+    buffers = fixed_buffers(spec, tensors, ctx, canvas, nb, prefill_chunk, vocab_chunk, backend)
     host_other = [t for t in tensors if not is_expert(t.name) and t.name in ruled and ruled[t.name].device == "cpu"]
     if host_other:  # non-expert tensors in host RAM are uploaded for each use: room for the largest
         biggest = max(t.bytes for t in host_other)

@@ -67,7 +67,8 @@ def size_option(text: str | int | None, flag: str) -> int | None:
 
 def make_plan(source: Path | str, *, vram: str | int | None, ctx: int | None = None, type_name: str | None = None,
               canvas: int | None = None, host_ram: str | int | None = None, cpu_moe: bool = False,
-              n_cpu_moe: int = 0, override_tensor: Sequence[str] = (), dtype: str = "bf16") -> Plan:
+              n_cpu_moe: int = 0, override_tensor: Sequence[str] = (), dtype: str = "bf16",
+              backend: str = "torch") -> Plan:
     """The plan `diffgemma plan` prints. vram None: the free VRAM of this machine's CUDA device, or
     no budget without one; ctx None: the model's context length, at most 32768 tokens. Every option
     is checked before planning: sizes need a unit, the context and canvas fit the model, and
@@ -98,7 +99,7 @@ def make_plan(source: Path | str, *, vram: str | int | None, ctx: int | None = N
     ram = host_b if host_b is not None else detect_host_ram()
     rules = build_rules(tuple(override_tensor), cpu_moe, n_cpu_moe)
     return plan_placement(spec, sizes, ctx=ctx, vram_budget=budget, host_ram=ram, canvas=canvas, rules=rules,
-                          dtype=dtype, reserve=DEFAULT_RESERVE, label=label)
+                          dtype=dtype, reserve=DEFAULT_RESERVE, label=label, backend=backend)
 
 
 def plan_summary(plan: Plan) -> str:
@@ -180,14 +181,15 @@ def vram_budget(device: torch.device, vram: str | None) -> int | None:
 
 def plan_for_run(f: GGUFFile, spec: ArchSpec, device: torch.device, dtype: torch.dtype, *, ctx: int,
                  vram: str | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
-                 override_tensor: Sequence[str] = ()) -> Plan:
+                 override_tensor: Sequence[str] = (), backend: str = "torch") -> Plan:
     """The placement `diffgemma run` follows for the opened file `f` at `ctx` tokens of context. On a
     CPU compute device offloaded experts are computed where they lie (copying them to the same
     device would only cost time)."""
     rules = build_rules(tuple(override_tensor), cpu_moe, n_cpu_moe)
     return plan_placement(spec, sizes_of(f), ctx=ctx, vram_budget=vram_budget(device, vram),
                           host_ram=detect_host_ram(), rules=rules, dtype=TORCH_DTYPE_NAMES.get(dtype, "f32"),
-                          offload_mode="auto" if device.type == "cuda" else "cpu", label=f.path.name)
+                          offload_mode="auto" if device.type == "cuda" else "cpu", label=f.path.name,
+                          backend=backend)
 
 
 # ---- memory check before allocating --------------------------------------------------------------

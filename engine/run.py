@@ -20,6 +20,7 @@ import torch
 from gguf_tools.reader import GGUFError, GGUFFile
 from gguf_tools.units import SizeError, parse_size
 
+from . import backend as backends
 from . import plan_cli
 from .experts import attach_plan, detach
 from .generate import GenerationResult, ModelRunner, StepInfo, generate
@@ -52,6 +53,7 @@ class RunOptions:
     cpu_moe: bool = False
     n_cpu_moe: int = 0
     override_tensor: tuple[str, ...] = ()
+    backend: str = "auto"  # engine/backend.py: auto, torch or triton
 
     def check(self) -> RunOptions:
         """Refuse out-of-range options before anything is loaded; --vram is read into bytes."""
@@ -71,6 +73,8 @@ class RunOptions:
             raise EngineError("--think switches the chat template's thinking channel; with --raw there is no "
                               "template (write the thinking turn into the prompt instead)")
         resolve_device(self.device)
+        if self.backend not in backends.BACKENDS:
+            raise EngineError(f"--backend {self.backend}: use one of {', '.join(backends.BACKENDS)}")
         if isinstance(self.vram, str):
             try:
                 self.vram = parse_size(self.vram, "--vram")  # type: ignore[assignment]
@@ -120,12 +124,13 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
     answer_tokens: int = 0  # the answer's own tokens: those before the end-of-turn id
+    backend: dict[str, Any] = field(default_factory=dict)  # what ran; tensors the fast path gave to torch
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("text", "token_ids", "answer_tokens", "prompt_tokens",
                                               "steps_per_canvas", "finished", "prefill_tokens_per_s",
                                               "generated_tokens_per_s", "peak_memory_bytes", "device", "model",
-                                              "placement")}
+                                              "placement", "backend")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,10 +208,12 @@ def _peak_memory(device: torch.device) -> int:
 def run_prompt(path: Path | None, prompt: str, opts: RunOptions,
                on_text: Callable[[str], None] | None = None,
                on_step: Callable[[StepInfo], None] | None = None, view: Any = None,
-               on_prompt: Callable[[str, list[int]], None] | None = None) -> RunResult:
+               on_prompt: Callable[[str, list[int]], None] | None = None,
+               on_notice: Callable[[str], None] | None = None) -> RunResult:
     """Generate text for `prompt`; `on_text` receives the new text of each committed canvas;
     `view` (engine.live.CanvasView) gets the tokenizer and every step; `on_prompt` the prompt as
-    prefilled (its text with every control token shown, and its ids) before generation starts."""
+    prefilled (its text with every control token shown, and its ids) before generation starts;
+    `on_notice` one-line notices (a --backend that is not available and what runs instead)."""
     opts.check()
     device = resolve_device(opts.device)
     if opts.threads:
@@ -238,11 +245,26 @@ def run_prompt(path: Path | None, prompt: str, opts: RunOptions,
     check_sampler(sampler_kwargs(spec, opts), opts)
     if on_prompt is not None:
         on_prompt(tok.decode(ids, stop_at_eos=False, keep_control=True), ids)
+    use_backend(lm.model, opts.backend, device, on_notice)
     plan = _place(lm, device, ctx, opts)
     try:
         return _generate(lm, ids, max_new, opts, device, plan, on_text, on_step)
     finally:
         detach(lm.model)
+
+
+def use_backend(model: DiffusionGemmaModel, requested: str, device: torch.device,
+                on_notice: Callable[[str], None] | None = None) -> backends.BackendChoice:
+    """Give `model` the operations of `requested` (engine/backend.py); a triton request that cannot
+    be met runs on torch, and `on_notice` is told so in one line."""
+    try:
+        choice = backends.resolve(requested, device)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    if choice.fell_back and on_notice is not None:
+        on_notice(choice.reason)
+    backends.apply(model, choice)
+    return choice
 
 
 def _place(lm: LoadedModel, device: torch.device, ctx: int, opts: RunOptions) -> Plan:
@@ -254,7 +276,8 @@ def _place(lm: LoadedModel, device: torch.device, ctx: int, opts: RunOptions) ->
                               "lower --max-new-tokens or --ctx")
         plan = plan_cli.plan_for_run(lm.file, m.spec, device, m.dtype, ctx=ctx, vram=opts.vram,
                                      cpu_moe=opts.cpu_moe, n_cpu_moe=opts.n_cpu_moe,
-                                     override_tensor=opts.override_tensor).require()
+                                     override_tensor=opts.override_tensor,
+                                     backend=m.ops.name).require()
         m.prefill_chunk = plan.prefill_chunk or m.prefill_chunk
         attach_plan(m, plan)
     except PlacementError as e:
@@ -280,9 +303,20 @@ def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, d
         text_so_far = text
 
     t0 = time.perf_counter()
-    result: GenerationResult = generate(
-        runner, torch.tensor(ids, dtype=torch.long), max_new_tokens=max_new, generator=generator,
-        on_step=on_step, on_canvas=canvas_done, **sampler_kwargs(spec, opts))
+    if lm.model.ops.name == "triton":
+        # the fast path: the sampler's work stays on the device (engine/device_sampler.py), with
+        # entropy and argmax from the vocabulary kernel; on_step hears of a canvas's steps at its end
+        from .device_sampler import device_generate
+        from .triton_ops import FusedStepper
+
+        result: GenerationResult = device_generate(
+            runner, torch.tensor(ids, dtype=torch.long), max_new_tokens=max_new, generator=generator,
+            on_step=on_step, on_canvas=canvas_done, stepper=FusedStepper(lm.model, runner.cache),
+            **sampler_kwargs(spec, opts))
+    else:
+        result = generate(
+            runner, torch.tensor(ids, dtype=torch.long), max_new_tokens=max_new, generator=generator,
+            on_step=on_step, on_canvas=canvas_done, **sampler_kwargs(spec, opts))
     total = time.perf_counter() - t0
     tokens = [int(t) for t in result.tokens.tolist()]
     decode_s = max(total - runner.prefill_s, 1e-9)
@@ -292,7 +326,7 @@ def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, d
         finished=result.finished, prefill_tokens_per_s=len(ids) / max(runner.prefill_s, 1e-9),
         generated_tokens_per_s=len(tokens) / decode_s, peak_memory_bytes=_peak_memory(device),
         device=str(device), model=str(lm.path), timings={"prefill_s": runner.prefill_s, "total_s": total},
-        placement=_placement_json(lm.model, plan, device),
+        placement=_placement_json(lm.model, plan, device), backend=backends.describe(lm.model),
         answer_tokens=next((n for n, t in enumerate(tokens) if t in eos), len(tokens)))
 
 
@@ -323,7 +357,8 @@ class _TimedRunner(ModelRunner):
 
 
 def compute_logits(path: Path, tokens: list[int], canvas: list[int] | None = None,
-                   self_cond: np.ndarray | None = None, device: str = "auto") -> np.ndarray:
+                   self_cond: np.ndarray | None = None, device: str = "auto", backend: str = "auto",
+                   on_notice: Callable[[str], None] | None = None) -> np.ndarray:
     """Encoder logits [P, V] for `tokens`, or, with `canvas`, the decoder's logits [C, V] for the
     canvas after `tokens` were prefilled as context (optionally with self-conditioning [C, V])."""
     dev = resolve_device(device)
@@ -356,6 +391,7 @@ def compute_logits(path: Path, tokens: list[int], canvas: list[int] | None = Non
         plan_cli.check_memory(need, *plan_cli.device_available(dev), ctx, "pass fewer --tokens")
     except PlacementError as e:
         raise EngineError(str(e)) from None
+    use_backend(m, backend, dev, on_notice)
     cache = m.new_cache()
     ctx = torch.tensor(tokens, dtype=torch.long)
     if canvas is None:

@@ -122,3 +122,36 @@ def test_fused_steps_generate_what_the_reference_loop_generates(tiny_q8, one_thr
                           stepper=FusedStepper(fast, runner.cache), check_every=3, **kw)
     assert got.steps_per_canvas == want.steps_per_canvas
     assert torch.equal(got.tokens, want.tokens)
+
+
+def test_logits_and_run_through_the_engine_api(tiny_q8, one_thread):
+    """compute_logits and run_prompt with backend="triton" (what `diffgemma logits/run --backend
+    triton --device cpu` call) against backend="torch"."""
+    from engine.run import RunOptions, compute_logits, run_prompt
+
+    notices: list[str] = []
+    for canvas in (None, list(range(20, 20 + 12))):
+        want = compute_logits(tiny_q8, [5, 6, 7, 8], canvas, device="cpu", backend="torch")
+        got = compute_logits(tiny_q8, [5, 6, 7, 8], canvas, device="cpu", backend="triton",
+                             on_notice=notices.append)
+        _close(torch.from_numpy(got), torch.from_numpy(want))
+    opts = dict(max_new_tokens=8, steps=4, seed=3, device="cpu", raw=True)
+    ref = run_prompt(tiny_q8, "hello", RunOptions(backend="torch", **opts))
+    fast = run_prompt(tiny_q8, "hello", RunOptions(backend="triton", **opts), on_notice=notices.append)
+    assert notices == []
+    assert fast.token_ids == ref.token_ids and fast.steps_per_canvas == ref.steps_per_canvas
+    assert fast.to_json()["backend"] == {"backend": "triton", "torch_fallback_tensors": []}
+    assert ref.to_json()["backend"] == {"backend": "torch"}
+
+
+def test_triton_request_without_interpreter_or_gpu_runs_on_torch(tiny_q8, monkeypatch, one_thread):
+    import engine.kernels as K
+    from engine.run import compute_logits
+
+    monkeypatch.setattr(K, "INTERPRET", False)
+    choice = backend.resolve("triton", "cpu")
+    assert choice.name == "torch" and choice.fell_back
+    assert "--backend torch" in choice.reason and "TRITON_INTERPRET" in choice.reason
+    notices: list[str] = []
+    compute_logits(tiny_q8, [5, 6, 7], device="cpu", backend="triton", on_notice=notices.append)
+    assert notices == [choice.reason]
