@@ -302,20 +302,27 @@ def plan(
     override_tensor: list[str] = _override_option(),
     dtype: str = typer.Option("bf16", "--dtype", metavar="bf16|f16|f32",
                               help="Compute dtype of the KV cache and activations."),
+    backend: str = typer.Option("auto", "--backend", metavar="auto|torch|triton",
+                                help="Size the working memory for these kernels (auto: triton when this "
+                                     "machine's CUDA device runs it, else torch)."),
     as_json: bool = typer.Option(False, "--json", help="The plan as JSON."),
 ) -> None:
     """Plan what stays in VRAM and what goes to host RAM.
 
     Which tensors live in VRAM and which MoE experts in host RAM, for a budget and a context; exit 1
     with the reason when nothing fits."""
+    from engine.backend import BACKENDS, for_planning
     from engine.placement import DTYPE_BYTES
     from engine.plan_cli import make_plan, plan_json, plan_summary, plan_text
     from gguf_tools.table import output_width
 
     if dtype.lower() not in DTYPE_BYTES:
         _fail(f"--dtype {dtype!r}: use bf16, f16 or f32")
+    if backend not in BACKENDS:
+        _fail(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
     p = make_plan(source, vram=vram, ctx=ctx, type_name=type_name, canvas=canvas, host_ram=host_ram,
-                  cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, dtype=dtype.lower())
+                  cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, dtype=dtype.lower(),
+                  backend=for_planning(backend))
     if as_json:
         _echo_json(plan_json(p))
     else:
@@ -349,6 +356,16 @@ def _device_option(default: str = "auto") -> Any:
                         help="Where to compute: auto is CUDA when available, else the CPU.")
 
 
+def _backend_option() -> Any:
+    return typer.Option("auto", "--backend", metavar="auto|torch|triton",
+                        help="Kernels: triton reads the packed GGUF blocks in place (CUDA, sm_80+), torch "
+                             "dequantizes then multiplies (the reference); auto is triton on CUDA, else torch.")
+
+
+def _notice(line: str) -> None:
+    typer.echo(f"note: {line}", err=True)
+
+
 def _threads_option() -> Any:
     return typer.Option(None, "--threads", metavar="N", help="CPU threads for torch (default: torch's).")
 
@@ -370,6 +387,7 @@ def run(
                                        help="First sampling temperature, above 0 (default: the file's)."),
     seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the canvas noise and the sampler."),
     device: str = _device_option(),
+    backend: str = _backend_option(),
     threads: int | None = _threads_option(),
     think: bool = typer.Option(False, "--think", help="Turn the chat template's thinking channel on."),
     raw: bool = typer.Option(False, "--raw", help="No chat template: <bos> and the prompt text as written."),
@@ -401,7 +419,7 @@ def run(
 
     opts = RunOptions(max_new_tokens, steps, entropy_bound, t_min, t_max, seed, device, threads, think, raw,
                       vram=vram, ctx=ctx, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
-                      override_tensor=tuple(override_tensor)).check()
+                      override_tensor=tuple(override_tensor), backend=backend).check()
     shown: dict[str, Any] = {}
 
     def on_prompt(text: str, ids: list[int]) -> None:
@@ -418,7 +436,7 @@ def run(
         view = CanvasView()
     with view or nullcontext():
         result = run_prompt(model, prompt, opts, on_text=on_text, view=view,
-                            on_prompt=on_prompt if show_prompt else None)
+                            on_prompt=on_prompt if show_prompt else None, on_notice=_notice)
     if as_json:
         _echo_json(result.to_json() | shown)
         return
@@ -479,6 +497,7 @@ def logits(
     out: Path = typer.Option(..., "--out", metavar="OUT.npy", show_default=False,
                              help="Where to write the logits (.npy); never an input file."),
     device: str = _device_option(),
+    backend: str = _backend_option(),
     threads: int | None = _threads_option(),
 ) -> None:
     """Write encoder or decoder canvas logits to a .npy file.
@@ -506,7 +525,7 @@ def logits(
             sc = np.load(self_cond, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise EngineError(f"{self_cond}: not a readable .npy array ({e})") from None
-    result = compute_logits(model, tok, can, sc, device)
+    result = compute_logits(model, tok, can, sc, device, backend=backend, on_notice=_notice)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         np.save(fh, result)
     typer.echo(f"wrote {out} {list(result.shape)}")
@@ -525,6 +544,7 @@ def eval_(
                                          help="Task accuracy by full generation (default: on for the built-in "
                                               "sorting model)."),
     device: str = _device_option(),
+    backend: str = _backend_option(),
     threads: int | None = _threads_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
@@ -546,7 +566,7 @@ def eval_(
         torch.set_num_threads(threads)
     with StepBar() as bar:
         r = evaluate(model, reference, examples=examples, seed=seed, accuracy=accuracy, device=device,
-                     on_progress=bar.update)
+                     on_progress=bar.update, backend=backend, on_notice=_notice)
     if as_json:
         _echo_json(r.to_json())
         return

@@ -155,3 +155,37 @@ def test_triton_request_without_interpreter_or_gpu_runs_on_torch(tiny_q8, monkey
     notices: list[str] = []
     compute_logits(tiny_q8, [5, 6, 7], device="cpu", backend="triton", on_notice=notices.append)
     assert notices == [choice.reason]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gguf", "sort_q4km"])
+def test_logits_command_backends_agree(fixture, request, tmp_path):
+    """`diffgemma logits --backend triton --device cpu` (interpreter) against `--backend torch`."""
+    import numpy as np
+
+    from tests.cli_helpers import invoke
+
+    path = request.getfixturevalue(fixture)
+    outs = {}
+    for b in ("torch", "triton"):
+        outs[b] = tmp_path / f"{b}.npy"
+        r = invoke("logits", path, "--tokens", "2,5,9,11", "--canvas", ",".join(map(str, range(20, 32))),
+                   "--device", "cpu", "--backend", b, "--out", outs[b])
+        assert r.exit_code == 0, r.output
+        assert "note:" not in r.stderr
+    want, got = np.load(outs["torch"]), np.load(outs["triton"])
+    _close(torch.from_numpy(got), torch.from_numpy(want))
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_plan_sizes_kernel_workspace_for_triton(reference_config):
+    import json
+
+    from tests.cli_helpers import invoke
+
+    texts = {b: invoke("plan", reference_config, "--vram", "24GB", "--ctx", "8192", "--backend", b, "--json")
+             for b in ("torch", "triton")}
+    for r in texts.values():
+        assert r.exit_code == 0, r.output
+    bufs = {b: json.loads(r.stdout)["buffers"] for b, r in texts.items()}
+    assert "dequant" in bufs["torch"] and "kernels" not in bufs["torch"]
+    assert "kernels" in bufs["triton"] and "dequant" not in bufs["triton"]
