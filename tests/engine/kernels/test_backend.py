@@ -189,3 +189,40 @@ def test_plan_sizes_kernel_workspace_for_triton(reference_config):
     bufs = {b: json.loads(r.stdout)["buffers"] for b, r in texts.items()}
     assert "dequant" in bufs["torch"] and "kernels" not in bufs["torch"]
     assert "kernels" in bufs["triton"] and "dequant" not in bufs["triton"]
+
+
+@pytest.mark.parametrize("mode", ["stream", "cpu"])
+def test_offloaded_experts_on_the_fast_path(tiny_q8, mode, one_thread):
+    """Streamed expert layers run the grouped kernel out of the stream slot; CPU-computed layers stay
+    on the torch path; either way the logits are the resident ones."""
+    from engine.experts import attach_plan, detach
+    from engine.placement import build_rules, plan_placement, sizes_from_gguf
+
+    ref, fast = _pair(tiny_q8)
+    spec, sizes, _ = sizes_from_gguf(tiny_q8)
+    canvas = torch.arange(40, 40 + ref.canvas_length)
+
+    def run(m):
+        cache = m.new_cache()
+        m.encode(torch.arange(5, 15), cache)
+        return m.decode(canvas, cache)
+
+    want = run(ref)
+    plan = plan_placement(spec, sizes, ctx=64, vram_budget=None, dtype="f32", rules=build_rules(n_cpu_moe=2),
+                          offload_mode=mode)
+    calls = []
+    import engine.kernels.moe as moe
+
+    real = moe.grouped_moe
+    ex = attach_plan(fast, plan)
+    try:
+        moe.grouped_moe = lambda *a, **k: calls.append(1) or real(*a, **k)
+        got = run(fast)
+    finally:
+        moe.grouped_moe = real
+        detach(fast)
+    _close(got, want)
+    assert ex.stats[f"{mode}_layer_calls"] > 0
+    n_layers = spec.block_count
+    # every layer's experts pass through the kernel twice (prefill, canvas) except the CPU-computed ones
+    assert len(calls) == 2 * (n_layers if mode == "stream" else n_layers - 2)
