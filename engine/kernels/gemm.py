@@ -3,11 +3,14 @@ registers, never written out). Reference: engine.weights.quantized_linear (dequa
 
 Grid: program_id(0) walks M, program_id(1) walks N, so the programs that run together share a
 weight tile and W comes from DRAM about once; x (at most a few MB) stays in L2. Each program
-streams its BLOCK_N rows of W along K, contiguous in memory. Two configs, chosen by M: a GEMV-like
-one for the denoising step's small batches (BLOCK_M = 16, the smallest tl.dot tile; narrow N
+streams its BLOCK_N rows of W along K, contiguous in memory. Configs chosen by M: GEMV-like ones
+for the denoising step's small batches (BLOCK_M = 16, the smallest tl.dot tile, up to 64; narrow N
 tiles so there are enough programs to fill the GPU) and a large one for prefill, which reuses each
 dequantized weight tile for 128 rows. Under the interpreter one fixed config: time there goes with
 the number of programs x loop trips (numpy work per tile hardly matters), so its tiles are large.
+
+Products run in dot_dtype(x.dtype): bf16/fp16 tensor cores for half inputs (weights are rounded
+to that type first; an F32/BF16 weight above 65504 would overflow fp16), tf32 for fp32 inputs.
 """
 
 from __future__ import annotations
@@ -45,19 +48,22 @@ def _dequant_matmul_kernel(x_ptr, w_ptr, lut_ptr, y_ptr, M, N, stride_xm, stride
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=x_mask & (rn[None, :] < N))
 
 
-SMALL_M = 64  # up to this many rows: the GEMV-like config
+SMALL_M = 64  # up to this many rows: the GEMV-like configs
 
 
 def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [k, n] product."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [k, n] product.
+
+    GPU choices are from ptxas -v on sm_90 (no spills, <= ~170 registers for every type; BLOCK_K =
+    256 spilled for Q3_K/Q4_K/Q5_K), not yet from timings on a GPU."""
     if INTERPRET:
         bm, bn, bk_max, warps = 64, 64, 256, 4
     elif m <= SMALL_M:
-        bm, warps, bk_max = 16, 4, 256
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        bk_max = 128 if m <= 16 else 64
         # aim for >= ~2 programs per SM of a 132-SM H100 while N tiles stay >= 16 rows
         bn = 64 if triton.cdiv(n, 64) >= 264 else 32 if triton.cdiv(n, 32) >= 264 else 16
-        if m > 16:
-            bm = 32 if m <= 32 else 64
+        warps = 8 if bn == 64 else 4
     else:
         bm, bn, bk_max, warps = 128, 128, 64, 8
     bk = next((b for b in (256, 128, 64, 32, 16) if b <= bk_max and k % b == 0), None)
