@@ -519,3 +519,10 @@ def test_plan_fits_80_columns(reference_config):
                   override_tensor=[r"blk\.2\.ffn_down_exps=cpu", "token_embd=cpu"])
     lines = plan_text(p, 80).splitlines()
     assert max(len(x) for x in lines) <= 80 and any(x.startswith("total (of 12.00 GiB)") for x in lines)
+
+
+def test_a_folder_without_tokenizer_json_is_one_line_but_plans(ckpt):
+    (ckpt / "tokenizer.json").unlink()
+    assert_one_line_error(run("quantize", ckpt, "--type", "Q8_0"), "tokenizer.json", "not found")
+    assert no_outputs(ckpt.parent)
+    assert run("quantize", ckpt, "--dry-run", "--type", "Q8_0").exit_code == 0  # config files suffice

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from engine import default_model
 from engine.run import RunOptions, run_prompt
 from engine.sort_task import evaluation_set, is_correct
+from tests.cli_helpers import invoke, one_line_error
 
 N_PROMPTS = 40
 
@@ -36,3 +39,30 @@ def test_a_damaged_cache_file_is_rebuilt(cache):
     path.write_bytes(b"GGUF" + b"\0" * 20)
     assert default_model.default_model_path() == path
     assert path.stat().st_size > 1_000_000
+
+
+def test_a_truncated_cache_file_is_rebuilt(cache):
+    path = default_model.default_model_path()
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    assert default_model.default_model_path() == path and path.read_bytes() == good
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_variable():
+    r = invoke("run", "Sort: 3 1 2", env={"DIFFGEMMA_CACHE": "/sys/diffgemma-cache"})
+    one_line_error(r, "/sys/diffgemma-cache", "DIFFGEMMA_CACHE")
+
+
+def test_a_damaged_checkpoint_names_its_folder(tmp_path, monkeypatch):
+    shipped = tmp_path / "models" / default_model.NAME
+    shutil.copytree(default_model.SHIPPED, shipped)
+    # what `quantize models/diffgemma-sort-tiny -o models/diffgemma-sort-tiny/model.safetensors` once did
+    (shipped / "model.safetensors").write_bytes(b"GGUF" + bytes(100))
+    monkeypatch.setattr(default_model, "SHIPPED", shipped)
+    r = invoke("run", "Sort: 3 1 2", env={"DIFFGEMMA_CACHE": str(tmp_path / "cache")})
+    one_line_error(r, str(shipped), "reinstall")
+    assert not list((tmp_path / "cache").glob("*.gguf"))
+
+
+def test_think_is_refused_for_the_built_in_model(cache):
+    one_line_error(invoke("run", "Sort: 3 1 2", "--think"), "--think", "built-in model")

@@ -58,3 +58,22 @@ def test_eval_refuses_files_of_different_models(tiny_gguf, tmp_path):
     r = invoke("eval", other, "--reference", tiny_gguf, "--examples", "2")
     assert r.exit_code == 1
     assert r.stderr.strip().startswith("error:") and "not the same model" in r.stderr
+
+
+def test_eval_refuses_more_examples_than_exist_before_loading_anything(tmp_path):
+    from engine.sort_task import held_out_count
+
+    missing = tmp_path / "not-there.gguf"
+    r = invoke("eval", missing, "--reference", missing, "--examples", 100000)
+    assert r.exit_code == 1 and r.stderr.strip() == (f"error: --examples 100000: only {held_out_count()} held-out "
+                                                     "prompts exist")
+
+
+def test_eval_shows_its_progress(tiny_gguf, tiny_q):
+    r = invoke("eval", tiny_q["Q8_0"], "--reference", tiny_gguf, "--examples", "1", "--accuracy")
+    assert r.exit_code == 0, r.output
+    phases = [line.split(":")[0] for line in r.stderr.splitlines()]
+    assert phases == ["canvas logits, reference", "canvas logits, model", "task accuracy, model",
+                      "task accuracy, reference"]
+    assert all(": 1/1 in " in line for line in r.stderr.splitlines())
+    assert "task accuracy" in r.stdout

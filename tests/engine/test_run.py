@@ -187,3 +187,57 @@ def test_fused_step_equals_separate_passes(tiny_gguf):
     runs = [generate(R(m), torch.tensor([2, 105, 30, 31, 106]), max_new_tokens=40, steps=6, eos_ids=(1,),
                      pad_id=0, generator=torch.Generator().manual_seed(4)).tokens for R in (ModelRunner, Unfused)]
     assert torch.equal(runs[0], runs[1])
+
+
+# ---- what run prints: the answer's token count, the prompt as prefilled, no GPU figures on the CPU ----
+
+def test_statistics_count_the_answer_and_cpu_json_has_no_gpu_fields(tiny_gguf):
+    from engine.tokenizer import GGUFTokenizer
+    from gguf_tools.reader import GGUFFile
+
+    args = ("run", tiny_gguf, "Sort 3 1 2", "--max-new-tokens", "40", "--steps", "6", "--seed", "5", "--device", "cpu")
+    j = json.loads(invoke(*args, "--json").stdout)
+    eos = set(GGUFTokenizer.from_kv(GGUFFile(tiny_gguf).kv).eos_ids)
+    answer = next((n for n, t in enumerate(j["token_ids"]) if t in eos), len(j["token_ids"]))
+    assert j["answer_tokens"] == answer
+    assert "vram_budget_bytes" not in j["placement"] and "planned_gpu_bytes" not in j["placement"]
+    text = invoke(*args)
+    assert text.exit_code == 0, text.output
+    assert text.stderr.splitlines()[-1].startswith(f"[{answer} tokens, ")
+
+
+def test_show_prompt_and_tokenize_give_the_ids_run_prefills(tiny_gguf):
+    from engine.tokenizer import GGUFTokenizer
+    from gguf_tools.reader import GGUFFile
+
+    tok = GGUFTokenizer.from_kv(GGUFFile(tiny_gguf).kv)
+    want = tok.apply_chat([{"role": "user", "content": "Sort 3 1 2"}])
+    r = invoke("run", tiny_gguf, "Sort 3 1 2", "--max-new-tokens", "8", "--steps", "2", "--json", "--show-prompt")
+    j = json.loads(r.stdout)
+    assert j["prompt_ids"] == want and j["prompt_tokens"] == len(want)
+    assert tok.encode(j["prompt_text"]) == want  # the text shown is the text prefilled
+    shown = invoke("run", tiny_gguf, "Sort 3 1 2", "--max-new-tokens", "8", "--steps", "2", "--show-prompt")
+    assert f"ids: {','.join(map(str, want))}" in shown.stderr and j["prompt_text"] in shown.stderr
+    ids = invoke("tokenize", tiny_gguf, "Sort 3 1 2")
+    assert ids.exit_code == 0 and ids.stdout.strip() == ",".join(map(str, want))
+    raw = json.loads(invoke("tokenize", tiny_gguf, "Sort 3 1 2", "--raw", "--json").stdout)
+    assert raw["ids"] == tok.raw("Sort 3 1 2") and raw["tokens"] == [tok.tokens[i] for i in raw["ids"]]
+    # the ids go straight into logits --tokens
+    out = invoke("logits", tiny_gguf, "--tokens", ids.stdout.strip(), "--out", tiny_gguf.parent / "enc.npy")
+    assert out.exit_code == 0 and np.load(tiny_gguf.parent / "enc.npy").shape[0] == len(want)
+    (tiny_gguf.parent / "enc.npy").unlink()
+
+
+def test_an_empty_answer_is_said(tiny_gguf, monkeypatch):
+    import engine.run as run_mod
+
+    real = run_mod.run_prompt
+
+    def silent(*a, **k):
+        r = real(*a, **k)
+        r.text, r.answer_tokens = "", 0
+        return r
+
+    monkeypatch.setattr(run_mod, "run_prompt", silent)
+    r = invoke("run", tiny_gguf, "hi", "--max-new-tokens", "8", "--steps", "2")
+    assert r.exit_code == 0 and "note: the answer is empty" in r.stderr

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from engine.sort_task import (
     MAX_LEN,
@@ -43,3 +44,37 @@ def test_parse_prompt_round_trips():
     ex = Example((3, 1, 2))
     assert parse_prompt(ex.prompt) == ex
     assert parse_prompt("Sort: 12 3") is None and parse_prompt("hello") is None and parse_prompt("Sort:") is None
+
+
+def legacy_evaluation_set(n: int, seed: int = 20261127) -> list[Example]:
+    """The procedure the published quality table used (before the set was bounded)."""
+    from engine.sort_task import random_digits
+
+    rng = np.random.default_rng(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        for length in range(MIN_LEN, MAX_LEN + 1):
+            digits = random_digits(rng, length)
+            if is_held_out(digits) and digits not in seen and len(out) < n:
+                seen.add(digits)
+                out.append(Example(digits))
+    return out
+
+
+def test_the_published_sets_are_unchanged():
+    for n in (40, 200, 1000):
+        assert evaluation_set(n) == legacy_evaluation_set(n)
+
+
+def test_every_held_out_list_can_be_asked_for_and_no_more():
+    import itertools
+
+    from engine.sort_task import held_out_count
+
+    every = {p for k in range(MIN_LEN, MAX_LEN + 1) for p in itertools.permutations(range(10), k) if is_held_out(p)}
+    assert held_out_count() == len(every) == 18739
+    full = evaluation_set(len(every))  # bounded: no rejection sampling once the lists run out
+    assert {e.digits for e in full} == every and len(full) == len(every)
+    assert full[:1000] == evaluation_set(1000)
+    with pytest.raises(ValueError, match="18,739"):
+        evaluation_set(len(every) + 1)
