@@ -3,8 +3,11 @@ widths, under the interpreter; and the package's availability checks."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +117,55 @@ def test_bad_input_is_one_line():
         dequant_matmul(torch.randn(2, 96), raw, Q.Q4_0)
     with pytest.raises(NotImplementedError, match="IQ2_XXS"):
         dequant_matmul(torch.randn(2, 256), torch.zeros(16, 66, dtype=torch.uint8), Q.IQ2_XXS)
+
+
+# Compiles the GEMM kernel for sm_90 the way a launch on an H100 would (16-byte divisibility of
+# pointers and strides), without a GPU: catches what the interpreter accepts and the compiler does
+# not. Run in a fresh process because this one has TRITON_INTERPRET=1.
+_COMPILE_SM90 = """
+import json, os, re, subprocess, sys, tempfile
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine.kernels import KERNEL_QTYPES
+from engine.kernels.gemm import _config, _dequant_matmul_kernel
+
+names = ["x_ptr", "w_ptr", "lut_ptr", "y_ptr", "M", "N", "stride_xm", "stride_wn", "stride_ym",
+         "K", "QTYPE", "DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+types = ["*bf16", "*u8", "*fp32", "*bf16"] + ["i32"] * 5 + ["constexpr"] * 6
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+out = {}
+for q in sorted(KERNEL_QTYPES, key=int):
+    for m in (1, 512) if q.name == "Q4_K" else (1,):
+        bm, bn, bk, warps = _config(m, 2816, 2816)
+        const = dict(K=2816, QTYPE=int(q), DOT=tl.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        div16 = ["x_ptr", "w_ptr", "lut_ptr", "y_ptr", "stride_xm", "stride_wn", "stride_ym"]
+        src = ASTSource(fn=_dequant_matmul_kernel, signature=dict(zip(names, types)),
+                        constexprs={(names.index(k),): v for k, v in const.items()},
+                        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in div16})
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        spills = None
+        if os.access(ptxas, os.X_OK):
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(c.asm["ptx"])
+            r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                               capture_output=True, text=True)
+            os.unlink(f.name)
+            spills = int(re.search(r"(\\d+) bytes spill stores", r.stderr).group(1))
+        out[f"{q.name}-M{m}"] = spills
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parents[3], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    spills = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(spills) == len(KERNEL_QTYPES) + 1
+    assert not any(spills.values()), spills
 
 
 def test_availability():
