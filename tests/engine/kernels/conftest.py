@@ -23,7 +23,7 @@ else:
         # imported earlier in this process (by another test directory): it read the variable then
         _kernels.INTERPRET = True
     _compiled = [m for m in ("engine.kernels.dequant", "engine.kernels.gemm", "engine.kernels.moe",
-                             "engine.kernels.vocab", "engine.device_sampler") if m in sys.modules]
+                             "engine.kernels.vocab") if m in sys.modules]
     if _compiled:
         pytest.exit(f"{', '.join(_compiled)} imported before tests/engine/kernels/conftest.py set "
                     "TRITON_INTERPRET=1; run the kernel tests in their own pytest process", returncode=4)
