@@ -337,6 +337,8 @@ def plan(
 def _split_model_prompt(args: list[str]) -> tuple[Path | None, str]:
     """[MODEL.gguf] PROMPT; a first word that is no file is an unquoted prompt, not a model."""
     if len(args) == 1:
+        if args[0].endswith(".gguf") and Path(args[0]).is_file():
+            _fail(f"{args[0]} is a model file: the PROMPT goes after it")
         return None, args[0]
     if len(args) == 2 and Path(args[0]).is_file():
         return Path(args[0]), args[1]

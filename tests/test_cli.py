@@ -276,6 +276,7 @@ BAD_OPTIONS = {
         (("{gguf}", "hi", "--raw", "--think"), ("--think", "--raw")),
         (("hello", "world", "again"), ("quote",)),
         (("{tmp}/none.gguf", "hi"), ("none.gguf", "no such file")),
+        (("{gguf}",), ("model file", "PROMPT")),
     ],
     "tokenize": [
         (("{gguf}", "hi", "--raw", "--think"), ("--think", "--raw")),
