@@ -621,6 +621,45 @@ def imatrix(
     typer.echo(f"wrote {path} ({len(stats.entries())} matrices, {n} chunks, mode {mode})")
 
 
+@command()
+def serve(
+    model: Path | None = typer.Argument(None, metavar="[MODEL.gguf]", show_default=False,
+                                        help="A diffusion-gemma GGUF (default: the built-in model)."),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDR", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", metavar="N", help="TCP port (0: any free port, printed at start)."),
+    max_batch: int = typer.Option(8, "--max-batch", metavar="N",
+                                  help="Requests denoised together in one batched pass per step."),
+    max_queue: int = typer.Option(64, "--max-queue", metavar="N",
+                                  help="Requests that may wait for a slot; beyond that the answer is 429."),
+    ctx: int | None = typer.Option(None, "--ctx", metavar="N",
+                                   help="Context per request: prompt plus canvases (default: the model's, at most "
+                                        "8192)."),
+    api_key: str | None = typer.Option(None, "--api-key", metavar="KEY",
+                                       help="Require 'Authorization: Bearer KEY' on /v1/* (else 401)."),
+    device: str = _device_option(),
+    backend: str = _backend_option(),
+    threads: int | None = _threads_option(),
+    vram: str | None = typer.Option(None, "--vram", metavar="SIZE",
+                                    help="VRAM budget with its unit, e.g. 24GB (default: the free VRAM)."),
+    cpu_moe: bool = _cpu_moe_option(),
+    n_cpu_moe: int = _n_cpu_moe_option(),
+    override_tensor: list[str] = _override_option(),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API.
+
+    POST /v1/chat/completions and /v1/completions (streaming as SSE), GET /v1/models and /health. The
+    canvases of concurrent requests are denoised together; each request's answer is the one run gives
+    for its seed. SIGTERM stops admitting, finishes the running requests and exits 0."""
+    from engine.server import ServeOptions
+    from engine.server import serve as run_server
+
+    opts = ServeOptions(model, host, port, max_batch, max_queue, ctx, api_key, device, threads, backend, vram,
+                        cpu_moe, n_cpu_moe, tuple(override_tensor))
+    run_server(opts, on_notice=_notice,
+               on_ready=lambda url: typer.echo(f"diffgemma serve: listening on {url} (--max-batch {max_batch}, "
+                                               f"--max-queue {max_queue})", err=True))
+
+
 def main() -> None:
     app()
 
