@@ -1,0 +1,438 @@
+"""`diffgemma serve`: an OpenAI-compatible HTTP server over the continuous-batching scheduler.
+
+Starlette routes on uvicorn, SSE for streaming. The model is loaded once; every request becomes a
+`Job` for engine/scheduler.py, whose engine thread denoises the canvases of all running requests in
+one batched pass per step. The asyncio side only parses, tokenizes, queues and relays events.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (shapes and field mapping in
+engine/openai_api.py), GET /v1/models, GET /health. Limits: --max-queue requests may wait beyond the
+--max-batch running ones (more: 429), a prompt plus its canvases must fit --ctx (else 400),
+--api-key makes /v1/* answer 401 without `Authorization: Bearer KEY`. A client that goes away
+cancels its job, which frees its slot at the next step. SIGTERM (or Ctrl-C): stop admitting
+(waiting requests get 503), let the running ones finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gguf_tools.units import SizeError, parse_size
+
+from . import plan_cli
+from .experts import attach_plan
+from .generate import _validate
+from .openai_api import (
+    APIError,
+    GenParams,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    error_body,
+    new_id,
+    parse_request,
+    usage,
+)
+from .placement import PlacementError
+from .run import EngineError, LoadedModel, RunOptions, is_builtin, load, resolve_device, sampler_kwargs, use_backend
+from .scheduler import CanvasDone, Draft, Failed, Finished, Job, QueueFull, Scheduler, ShuttingDown
+
+log = logging.getLogger("diffgemma.serve")
+
+DEFAULT_CTX = 8192  # per request, when --ctx is not given (capped at the model's context length)
+
+__all__ = ["ServeOptions", "Service", "create_app", "open_service", "serve"]
+
+
+@dataclass
+class ServeOptions:
+    model: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_batch: int = 8
+    max_queue: int = 64
+    ctx: int | None = None  # per request: prompt + canvases (default: min(model's, DEFAULT_CTX))
+    api_key: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    backend: str = "auto"
+    vram: str | int | None = None
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
+    override_tensor: tuple[str, ...] = ()
+
+    def check(self) -> ServeOptions:
+        for flag, v, low in (("--port", self.port, 0), ("--max-batch", self.max_batch, 1),
+                             ("--max-queue", self.max_queue, 0), ("--ctx", self.ctx, 1), ("--threads", self.threads, 1),
+                             ("--n-cpu-moe", self.n_cpu_moe, 0)):
+            if v is not None and v < low:
+                raise EngineError(f"{flag} {v}: must be at least {low}")
+        if self.port > 65535:
+            raise EngineError(f"--port {self.port}: must be at most 65535")
+        if self.api_key is not None and not self.api_key.strip():
+            raise EngineError("--api-key is empty")
+        resolve_device(self.device)
+        if isinstance(self.vram, str):
+            try:
+                self.vram = parse_size(self.vram, "--vram")
+            except SizeError as e:
+                raise EngineError(str(e)) from None
+        return self
+
+
+class Service:
+    """The loaded model and its scheduler, and what a request needs from them."""
+
+    def __init__(self, lm: LoadedModel, scheduler: Scheduler, ctx: int, api_key: str | None):
+        self.lm, self.scheduler, self.ctx, self.api_key = lm, scheduler, ctx, api_key
+        self.model_id = lm.path.stem
+        self.tok = lm.tokenizer
+        self.spec = lm.model.spec
+
+    def prompt_ids(self, p: GenParams) -> list[int]:
+        """The prefilled ids: the file's chat template over the messages (rendered under the
+        engine's lock, see Scheduler.exclusive), or <bos> + the text for /v1/completions."""
+        assert self.tok is not None
+        if p.kind != "chat":
+            return self.tok.raw(p.prompt)
+        if p.think and is_builtin(self.lm.file):
+            raise APIError(400, "think: the built-in model was not trained with a thinking channel", "think")
+        with self.scheduler.exclusive:
+            return self.tok.apply_chat(p.messages, think=p.think)
+
+    def budget(self, n_prompt: int, max_tokens: int | None) -> int:
+        """max_new_tokens for a prompt of n_prompt ids: every canvas must fit the context."""
+        c = self.spec.canvas_length
+        room = (self.ctx - n_prompt) // c * c
+        if room < 1:
+            raise APIError(400, f"the prompt ({n_prompt} tokens) leaves no room for a {c}-token canvas in the "
+                                f"context of {self.ctx} tokens (--ctx)", "messages", "context_length_exceeded")
+        if max_tokens is None:
+            return min(self.spec.sampler.max_new_tokens, room)
+        if max_tokens > room:
+            need = -(-max_tokens // c) * c
+            raise APIError(400, f"max_tokens {max_tokens}: the prompt ({n_prompt} tokens) plus {need} canvas tokens "
+                                f"exceed the context of {self.ctx} tokens (--ctx); at most {room} fit",
+                           "max_tokens", "context_length_exceeded")
+        return max_tokens
+
+    def sampler(self, p: GenParams) -> dict[str, Any]:
+        opts = RunOptions(steps=p.steps, entropy_bound=p.entropy_bound, t_min=p.t_min, t_max=p.t_max)
+        kw = sampler_kwargs(self.spec, opts)
+        if p.temperature is not None:
+            kw["t_min"], kw["t_max"] = kw["t_min"] * p.temperature, kw["t_max"] * p.temperature
+        try:
+            _validate(1, kw["steps"], kw["entropy_bound"], kw["t_min"], kw["t_max"], kw["stability_threshold"],
+                      kw["confidence_threshold"])
+        except ValueError as e:  # e.g. a t_min above the file's t_max
+            raise APIError(400, f"sampler settings: {e}") from None
+        return kw
+
+
+class TextStream:
+    """Committed canvases -> text: each call returns the new text, holding back what could still
+    become a stop string (or a character split between canvases); `stopped` once a stop string
+    appeared, the text cut before it."""
+
+    def __init__(self, tok, stops: list[str]):
+        self.tok, self.stops = tok, stops
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def text(self) -> str:
+        text = self.tok.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return text[:min(hits)]
+        return text
+
+    def feed(self, tokens: list[int], final: bool = False) -> str:
+        self.ids.extend(tokens)
+        text = self.text()
+        if not (final or self.stopped):
+            text = text[:max(len(text) - self.hold, 0)].rstrip("\ufffd")
+        if not text.startswith(self.sent):
+            return ""  # the decoder changed earlier text (a multi-token character completed): keep what was sent
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def completion_tokens(self) -> int:
+        eos = set(self.tok.eos_ids)
+        return next((n for n, t in enumerate(self.ids) if t in eos), len(self.ids))
+
+
+class _Channel:
+    """Events from the engine thread into this request's asyncio queue."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, event: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def get(self) -> Any:
+        return await self.queue.get()
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _App:
+    def __init__(self, service: Service):
+        self.s = service
+
+    def authorize(self, request: Request) -> None:
+        key = self.s.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    async def health(self, request: Request) -> Response:
+        sch = self.s.scheduler
+        return JSONResponse({"status": "draining" if sch.draining else "ok", "model": self.s.model_id,
+                             "running": sch.busy, "queued": sch.queued, "max_batch": sch.max_batch,
+                             "max_queue": sch.max_queue, "ctx": self.s.ctx})
+
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
+        created = int(self.s.lm.path.stat().st_mtime)
+        return JSONResponse({"object": "list", "data": [{"id": self.s.model_id, "object": "model", "created": created,
+                                                         "owned_by": "diffgemma"}]})
+
+    async def chat(self, request: Request) -> Response:
+        return await self.generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self.generate(request, "completion")
+
+    async def generate(self, request: Request, kind: str) -> Response:
+        self.authorize(request)
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        p = parse_request(body, kind)
+        ids = await run_in_threadpool(self.s.prompt_ids, p)
+        job = Job(ids, self.s.budget(len(ids), p.max_tokens), self.s.sampler(p), p.seed, drafts=p.draft)
+        chan = _Channel()
+        job.on_event = chan.put
+        try:
+            self.s.scheduler.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"{e}; retry later", code="queue_full") from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+        rid = new_id(kind)
+        if p.stream:
+            return StreamingResponse(self.stream(job, chan, p, len(ids), rid), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self.complete(request, job, chan, p, len(ids), rid)
+
+    async def complete(self, request: Request, job: Job, chan: _Channel, p: GenParams, n_prompt: int,
+                       rid: str) -> Response:
+        text = TextStream(self.s.tok, p.stop)
+
+        async def collect() -> str:
+            while True:
+                ev = await chan.get()
+                if isinstance(ev, CanvasDone):
+                    text.feed(ev.tokens)
+                    if text.stopped:
+                        job.cancel()
+                        return "stop"
+                elif isinstance(ev, Finished):
+                    return "stop" if ev.finished else "length"
+                elif isinstance(ev, Failed):
+                    raise APIError(ev.status, ev.message, code="generation_failed")
+
+        result = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not result.done():  # the client went away (or this handler was cancelled)
+                job.cancel()
+                result.cancel()
+            gone.cancel()
+        if not result.done() or result.cancelled():
+            return Response(status_code=499)
+        finish = result.result()
+        out, use = text.text(), usage(n_prompt, text.completion_tokens())
+        build = chat_response if p.kind == "chat" else completion_response
+        return JSONResponse(build(rid, self.s.model_id, out, finish, use))
+
+    async def stream(self, job: Job, chan: _Channel, p: GenParams, n_prompt: int, rid: str) -> AsyncIterator[bytes]:
+        model, tok = self.s.model_id, self.s.tok
+        text = TextStream(tok, p.stop)
+
+        def chunk(content: str | None, finish: str | None = None, use: dict | None = None, **extra: Any) -> bytes:
+            if p.kind == "chat":
+                delta = None if content is None else ({"content": content} if content or finish is None else {})
+                return _sse(chat_chunk(rid, model, delta, finish, use, **extra))
+            return _sse(completion_chunk(rid, model, content, finish, use, **extra))
+
+        try:
+            if p.kind == "chat":
+                yield _sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+            while True:
+                ev = await chan.get()
+                if isinstance(ev, Draft):
+                    draft = {"canvas": ev.canvas, "step": ev.step, "draft": tok.decode(ev.tokens)}
+                    yield chunk("", diffgemma=draft)
+                    continue
+                if isinstance(ev, Failed):
+                    yield _sse(error_body(APIError(ev.status, ev.message, code="generation_failed")))
+                    return
+                final = isinstance(ev, Finished)
+                delta = text.feed(ev.tokens if isinstance(ev, CanvasDone) else [], final=final)
+                if delta:
+                    yield chunk(delta)
+                if text.stopped or final:
+                    job.cancel()  # a stop string: free the slot now (no-op when the job is finished)
+                    finish = "stop" if text.stopped or ev.finished else "length"
+                    yield chunk("", finish)
+                    if p.include_usage:
+                        yield chunk(None, use=usage(n_prompt, text.completion_tokens()))
+                    yield b"data: [DONE]\n\n"
+                    return
+        finally:
+            job.cancel()  # client gone mid-stream: the engine drops the job at its next step
+
+
+def create_app(service: Service) -> Starlette:
+    app = _App(service)
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return JSONResponse(error_body(exc), status_code=exc.status)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse(error_body(APIError(exc.status_code, exc.detail or "error")), status_code=exc.status_code)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(error_body(APIError(500, f"internal error: {type(exc).__name__}: {exc}")), status_code=500)
+
+    routes = [Route("/health", app.health, methods=["GET"]), Route("/v1/models", app.models, methods=["GET"]),
+              Route("/v1/chat/completions", app.chat, methods=["POST"]),
+              Route("/v1/completions", app.completions, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={APIError: api_error, HTTPException: http_error,
+                                                        Exception: server_error})
+
+
+def open_service(opts: ServeOptions, on_notice: Callable[[str], None] | None = None) -> Service:
+    """Load the model once, give it the backend and the placement for --max-batch sequences of
+    --ctx tokens (checked against the available memory first), and make its scheduler."""
+    opts.check()
+    device = resolve_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    lm = load(opts.model, device)
+    m, spec = lm.model, lm.model.spec
+    ctx = opts.ctx if opts.ctx is not None else min(spec.context_length, DEFAULT_CTX)
+    if ctx > spec.context_length:
+        raise EngineError(f"--ctx {ctx} exceeds the context length {spec.context_length}")
+    if ctx <= spec.canvas_length:
+        raise EngineError(f"--ctx {ctx}: must be above the canvas length {spec.canvas_length} (a prompt and a canvas)")
+    if opts.n_cpu_moe > spec.block_count:
+        raise EngineError(f"--n-cpu-moe {opts.n_cpu_moe}: {lm.path.name} has {spec.block_count} layers")
+    use_backend(m, opts.backend, device, on_notice)
+    try:
+        one = plan_cli.runtime_need(spec, ctx, spec.canvas_length, m.dtype)
+        need = {k: v * opts.max_batch for k, v in one.items()}
+        plan_cli.check_memory(need, *plan_cli.device_available(device, opts.vram), ctx * opts.max_batch,
+                              "lower --ctx or --max-batch")
+        plan = plan_cli.plan_for_run(lm.file, spec, device, m.dtype, ctx=ctx * opts.max_batch, vram=opts.vram,
+                                     cpu_moe=opts.cpu_moe, n_cpu_moe=opts.n_cpu_moe,
+                                     override_tensor=opts.override_tensor, backend=m.ops.name).require()
+    except PlacementError as e:
+        raise EngineError(str(e)) from None
+    m.prefill_chunk = plan.prefill_chunk or m.prefill_chunk  # as run: the same chunks, the same numbers
+    attach_plan(m, plan)
+    return Service(lm, Scheduler(m, opts.max_batch, opts.max_queue), ctx, opts.api_key)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT draining the scheduler first and the process exiting 0 after
+    the graceful shutdown (uvicorn would re-raise the signal)."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
+        super().__init__(config)
+        self.scheduler = scheduler
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.scheduler.drain()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as e:
+        raise EngineError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(opts: ServeOptions, on_notice: Callable[[str], None] | None = None,
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the server until SIGTERM/SIGINT; `on_ready` gets the URL once it listens (the real port
+    when --port 0 asked for any free one)."""
+    service = open_service(opts, on_notice)
+    sock = _listen(opts.host, opts.port)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=None)
+    server = _Server(config, service.scheduler)
+    service.scheduler.start()
+    if on_ready is not None:
+        shown = f"[{host}]" if ":" in host else host
+        on_ready(f"http://{shown}:{port}")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        service.scheduler.close(timeout=30)
+        sock.close()
