@@ -296,6 +296,17 @@ BAD_OPTIONS = {
         (("{gguf}", "-o", "{tmp}/im.gguf", "--mode", "bogus"), ("--mode", "bogus")),
         (("{gguf}", "-o", "{tmp}/im.gguf", "--chunks", "0"), ("--chunks",)),
     ],
+    "serve": [  # another session's command: every check happens before it listens
+        (("{gguf}", "--max-batch", "0"), ("--max-batch 0",)),
+        (("{gguf}", "--max-queue", "-1"), ("--max-queue -1",)),
+        (("{gguf}", "--port", "70000"), ("--port 70000",)),
+        (("{gguf}", "--ctx", "5000"), ("--ctx 5000", "1024")),
+        (("{gguf}", "--ctx", "16"), ("--ctx 16", "canvas length 16")),
+        (("{gguf}", "--api-key", " "), ("--api-key",)),
+        (("{gguf}", "--device", "tpu"), ("tpu",)),
+        (("{gguf}", "--n-cpu-moe", "99"), ("--n-cpu-moe 99", "3 layers")),
+        (("{tmp}/none.gguf",), ("none.gguf",)),
+    ],
     "eval": [
         (("{gguf}", "--reference", "{gguf}", "--examples", "100000"), ("--examples 100000", "18739")),
         (("{gguf}", "--reference", "{gguf}", "--examples", "0"), ("--examples 0",)),
