@@ -12,10 +12,13 @@ An 8-bit absmax block rounds each value by up to d/2 with d = max|x|/127, an RMS
 size of perturbation as rounding the *weights* to Q8_0. So the expected gap between llama.cpp and us on a
 quantized file is the model's response to rounding one operand of every product to 8 bits, which can be
 measured with our own engine alone: our Q8_0 file against our F32 file moves the logits by 0.3% (the trained
-model) to 2.5% (the small random one) RMS. Measured llama.cpp-vs-us gaps over every preset: at most 1.9%
-RMS and 4.5% at the worst single logit (positions where attention is sharp amplify the rounding). The
-bounds below leave about 2x of room over the measurements; a wrong name, layout, scale or type in a file
-moves logits by far more (a Q4_0 file against its F32 source: 25% RMS).
+model) to 2.5% (the small random ones) RMS. Measured llama.cpp-vs-us gaps over every preset, subject and
+mode (tests/oracles, `-m slow`): at most 2.5% RMS and 6.1% at the worst single logit (the random `wide`
+model; the trained one: 1.9% and 4.5%, where sharp attention amplifies the rounding), F16 files 1.7e-3,
+BF16 files 7.9e-3, F32 files 3.6e-4 (GELU table), with top-1 agreement never below 87.5% (2 of 16
+positions of a random model whose top two logits nearly tie). The bounds leave about 2x of room over these;
+a wrong name, layout, scale or type in a file moves logits by tens of percent (the random models' Q4_0
+files against their F32 sources already differ by 10-25% RMS).
 
 Relative errors are taken against the largest |logit| of our result (soft-capped logits, |z| < 30), max over
 all canvas positions and vocabulary entries; rms is the Frobenius norm of the difference over that of ours.
@@ -44,7 +47,7 @@ TOLERANCES = {
     "F32": Tolerance("F32 (GELU via an F16 table)", 1e-3, 1e-3, 1.0),
     "F16": Tolerance("F16", 4e-3, 3e-3, 1.0),
     "BF16": Tolerance("BF16", 3e-2, 2e-2, 0.9),
-    "quantized": Tolerance("8-bit blocks (Q8_0/Q8_1/Q8_K)", 1e-1, 4e-2, 0.8),
+    "quantized": Tolerance("8-bit blocks (Q8_0/Q8_1/Q8_K)", 1.2e-1, 5e-2, 0.8),
 }
 
 

@@ -130,11 +130,17 @@ def test_split_expert_layout_matches_llamacpp(llamacpp_bin, our_file, tmp_path):
 
 
 def test_llama_diffusion_cli_generates_from_our_file(llamacpp_bin, our_file):
-    """The PR's own runner loads our file, reads our diffusion.eb_* sampler keys and fills a canvas."""
+    """The PR's own runner loads our file, reads our diffusion.eb_* sampler keys and fills a canvas.
+
+    (Its text is not checked: it renders the chat template with enable_thinking on, which the built-in sort
+    model was not trained with, and it has no option to turn that off.)"""
     path = our_file("sort", "Q8_0")
     spec = GGUFFile(path).spec()
     s = spec.sampler
-    p = diffusion_cli(llamacpp_bin, path, "Sort: 7 3 9 1 5", n_predict=spec.canvas_length)
+    for _ in range(3):  # its asynchronous logger loses all of stdout at exit in about 1 run of 6 here
+        p = diffusion_cli(llamacpp_bin, path, "Sort: 7 3 9 1 5", n_predict=spec.canvas_length)
+        if p.stdout.strip():
+            break
     m = re.search(r"max_steps=(\d+) t=\[([\d.]+),([\d.]+)\] entropy_bound=([\d.]+) stability=(\d+) "
                   r"confidence=([\d.]+)", p.stderr)
     assert m, p.stderr[-2000:]
