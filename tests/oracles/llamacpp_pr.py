@@ -98,7 +98,9 @@ def oracle_bin(build_if_missing: bool = True) -> Path:
 
 def _run(cmd: list[str], env: dict[str, str] | None = None,
          timeout: int = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    # errors="replace": a random model's canvas can end inside a multi-byte character
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env={**os.environ, **(env or {})},
+                       timeout=timeout, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         raise OracleFailed(f"{Path(cmd[0]).name} exited with {p.returncode}: {p.stderr.strip()[-1500:]}")
     return p
