@@ -46,7 +46,7 @@ def check_output_path(out: Path | str, inputs: Iterable[Path | str | None] = ())
     out = Path(out)
     for f in input_files(inputs):
         if _same_file(out, f):
-            raise OutputError(f"output {out} would replace the input {f}; choose another output path "
+            raise OutputError(f"output {out} is the input file {f}; choose another output path "
                               "(nothing was written)")
     if out.is_dir():
         raise OutputError(f"output path {out} is a directory")

@@ -231,7 +231,7 @@ BAD_OPTIONS = {
         (("{ckpt}", "--threads", "0"), ("--threads",)),
         (("{ckpt}", "--imatrix", "{tmp}/none.dat"), ("none.dat",)),
         (("{ckpt}", "-o", "{tmp}/missing/x.gguf"), ("missing", "does not exist")),
-        (("{ckpt}", "-o", "{ckpt}/config.json"), ("would replace", "config.json")),
+        (("{ckpt}", "-o", "{ckpt}/config.json"), ("is the input file", "config.json")),
         (("{ckpt}", "--frobnicate"), ("--frobnicate",)),
     ],
     "inspect": [
@@ -288,7 +288,7 @@ BAD_OPTIONS = {
         (("{gguf}", "--tokens", "1,2", "--canvas", "", "--out", "{tmp}/x.npy"), ("--canvas", "empty")),
         (("{gguf}", "--tokens", "1,2", "--self-cond", "{tmp}/sc.npy", "--out", "{tmp}/x.npy"), ("--canvas",)),
         (("{gguf}", "--tokens", "1,2", "--out", "{tmp}/missing/x.npy"), ("does not exist",)),
-        (("{gguf}", "--tokens", "1,2", "--out", "{gguf}"), ("would replace",)),
+        (("{gguf}", "--tokens", "1,2", "--out", "{gguf}"), ("is the input file",)),
         (("{gguf}", "--tokens", "1,2", "--out", "{tmp}/x.npy", "--threads", "0"), ("--threads",)),
         (("{gguf}", "--tokens", "1,2", "--out", "{tmp}/x.npy", "--device", "tpu"), ("tpu",)),
     ],
@@ -358,16 +358,17 @@ def test_quantize_never_writes_over_its_input(ckpt, tiny_gguf, tmp_path):
     os.link(ckpt / "config.json", tmp_path / "hard.json")
     for target in (shard, ckpt / "model.safetensors.index.json", ckpt / ".." / ckpt.name / "tokenizer.json",
                    tmp_path / "link.safetensors", tmp_path / "hard.json"):
-        assert_one_line_error(run("quantize", ckpt, "--type", "Q8_0", "-o", target), "would replace", "input")
+        assert_one_line_error(run("quantize", ckpt, "--type", "Q8_0", "-o", target), "is the input file")
     assert digest(ckpt) == before
     # requantize: the source file, also through another spelling of its path
     src = tmp_path / "src-BF16.gguf"
     shutil.copy(tiny_gguf, src)
     was = digest(src)
-    assert_one_line_error(run("quantize", src, "--type", "Q8_0", "-o", tmp_path / "." / src.name), "would replace")
+    assert_one_line_error(run("quantize", src, "--type", "Q8_0", "-o", tmp_path / "." / src.name),
+                          "is the input file")
     imatrix = tmp_path / "im.dat"
     imatrix.write_bytes(b"an imatrix")
-    with pytest.raises(conv.ConversionError, match="would replace"):
+    with pytest.raises(conv.ConversionError, match="is the input file"):
         conv.refuse_overwriting_inputs(tmp_path / "x" / ".." / "im.dat", src, imatrix)
     assert digest(src) == was and imatrix.read_bytes() == b"an imatrix"
     # a new file in the checkpoint folder is fine: it replaces nothing
@@ -381,7 +382,7 @@ def test_logits_never_writes_over_its_inputs(tiny_gguf, tmp_path):
     np.save(sc, np.zeros((2, 512), np.float32))
     was, model_was = sc.read_bytes(), digest(tiny_gguf)
     assert_one_line_error(run("logits", tiny_gguf, "--tokens", "1,2", "--canvas", "3,4", "--self-cond", sc,
-                              "--out", sc), "would replace")
+                              "--out", sc), "is the input file")
     assert sc.read_bytes() == was and digest(tiny_gguf) == model_was
 
 
