@@ -75,6 +75,15 @@ class _Rows:
             return fn(x)
         return torch.cat([fn(x[a:b]) for a, b in self.bounds])
 
+    def linear(self, w: _DequantizedWeight, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T, one product per segment, written in place into the rows of one output."""
+        if len(self.bounds) == 1:
+            return w.apply(x)
+        out = torch.empty(x.shape[0], w.rows, dtype=x.dtype, device=x.device)
+        for a, b in self.bounds:
+            w.apply(x[a:b], out[a:b])
+        return out
+
 
 class _DequantizedWeight:
     """One weight dequantized block by block exactly as engine.weights.quantized_linear does it for
@@ -90,10 +99,14 @@ class _DequantizedWeight:
         else:
             self.blocks = [(s, dequantize(raw[s:s + step], qtype).to(x_like.dtype)) for s in range(0, self.rows, step)]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T; `out` (contiguous rows, [n, rows]) receives it when given -- the product into a
+        given output is the same kernel call as into a fresh one (torch.mm / mm.out)."""
         if self.whole:
-            return x @ self.blocks[0][1].T
-        out = torch.empty(x.shape[0], self.rows, dtype=x.dtype, device=x.device)
+            w = self.blocks[0][1]
+            return x @ w.T if out is None else torch.mm(x, w.T, out=out)
+        if out is None:
+            out = torch.empty(x.shape[0], self.rows, dtype=x.dtype, device=x.device)
         for s, w in self.blocks:
             torch.mm(x, w.T, out=out[:, s:s + w.shape[0]])
         return out
@@ -143,8 +156,7 @@ class BatchedPass:
         m = self.m
         if not self.shared:
             return rows.per_segment(lambda part: m.ops.linear(name, part), x)
-        w = _DequantizedWeight(m.weights.raw(name, x.device), m.weights.info(name).qtype, x)
-        return rows.per_segment(w.apply, x)
+        return rows.linear(_DequantizedWeight(m.weights.raw(name, x.device), m.weights.info(name).qtype, x), x)
 
     def _gelu_mlp(self, x: torch.Tensor, gate: str, up: str, down: str, rows: _Rows) -> torch.Tensor:
         g = rows.per_segment(lambda part: F.gelu(part, approximate="tanh"), self._lin(gate, x, rows))
@@ -274,30 +286,31 @@ class BatchedPass:
             at += c
         jobs = []
         for e in range(m.spec.expert_count):
-            runs = [(starts[e * n_seg + i], counts[e * n_seg + i]) for i in range(n_seg) if counts[e * n_seg + i]]
-            if runs:
-                jobs.append((e, runs))
+            runs = [counts[e * n_seg + i] for i in range(n_seg)]
+            if any(runs):
+                jobs.append((e, starts[e * n_seg], runs))
         *gate_up, down = m.weights.expert_names(layer)
 
-        def run(part: list[tuple[int, list[tuple[int, int]]]]) -> None:
-            for e, runs in part:
-                like = u[:1]
-                gu = [_DequantizedWeight(m.weights.raw(name, u.device)[e], m.weights.info(name).qtype, like)
+        def run(part: list[tuple[int, int, list[int]]]) -> None:
+            for e, first, runs in part:
+                # expert e's rows of every segment lie together, segment after segment; each
+                # segment's product runs on its own rows, exactly as its grouped_experts would
+                total = sum(runs)
+                pick = slice(first, first + total)
+                x = u[token[pick]]
+                bounds = _Rows([c for c in runs if c])
+                gu = [_DequantizedWeight(m.weights.raw(name, u.device)[e], m.weights.info(name).qtype, x)
                       for name in gate_up]
-                dn = None
-                for start, cnt in runs:
-                    x = u[token[start:start + cnt]]
-                    if len(gu) == 1:  # fused: gate rows first
-                        y = gu[0].apply(x)
-                        f = y.shape[1] // 2
-                        gate, up = y[:, :f], y[:, f:]
-                    else:
-                        gate, up = gu[0].apply(x), gu[1].apply(x)
-                    a = F.gelu(gate, approximate="tanh") * up
-                    if dn is None:
-                        dn = _DequantizedWeight(m.weights.raw(down, u.device)[e], m.weights.info(down).qtype, a)
-                    out = dn.apply(a) * weight[start:start + cnt, None]
-                    slots[order[start:start + cnt]] = out.to(u.dtype)  # jobs write disjoint rows
+                ys = [bounds.linear(w, x) for w in gu]
+                if len(ys) == 1:  # fused: gate rows first
+                    f = ys[0].shape[1] // 2
+                    gate, up = ys[0][:, :f], ys[0][:, f:]
+                else:
+                    gate, up = ys
+                a = bounds.per_segment(lambda g: F.gelu(g, approximate="tanh"), gate) * up
+                dn = _DequantizedWeight(m.weights.raw(down, u.device)[e], m.weights.info(down).qtype, a)
+                out = bounds.linear(dn, a) * weight[pick, None]
+                slots[order[pick]] = out.to(u.dtype)  # jobs write disjoint rows
 
         # shared out among worker threads exactly as grouped_experts does (by expert)
         workers = cpu_expert_workers(u.device)

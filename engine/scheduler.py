@@ -38,7 +38,7 @@ from .model import DiffusionGemmaModel
 
 log = logging.getLogger("diffgemma.serve")
 
-__all__ = ["CanvasDone", "Draft", "Failed", "Finished", "Job", "QueueFull", "Scheduler", "ShuttingDown"]
+__all__ = ["Accepted", "CanvasDone", "Draft", "Failed", "Finished", "Job", "QueueFull", "Scheduler", "ShuttingDown"]
 
 
 class QueueFull(RuntimeError):
@@ -47,6 +47,12 @@ class QueueFull(RuntimeError):
 
 class ShuttingDown(RuntimeError):
     """The scheduler no longer admits jobs (SIGTERM)."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    prompt_tokens: int
+    max_new_tokens: int
 
 
 @dataclass(frozen=True)
@@ -74,15 +80,20 @@ class Finished:
 class Failed:
     message: str
     status: int = 500
+    code: str | None = None
 
 
-Event = CanvasDone | Draft | Finished | Failed
+Event = Accepted | CanvasDone | Draft | Finished | Failed
 
 
 @dataclass
 class Job:
     """One generation request: prompt ids, budget, seed and generate()'s sampler keywords
-    (steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, eos_ids, pad_id)."""
+    (steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, eos_ids, pad_id).
+
+    With `prepare`, the ids and the budget are made on the engine thread when the job arrives
+    (between two passes: a chat template renders under limits that must not overlap a pass, see
+    engine.template_guard), and an Accepted event (or Failed, when prepare raises) comes first."""
 
     ids: list[int]
     max_new_tokens: int
@@ -90,6 +101,7 @@ class Job:
     seed: int = 0
     drafts: bool = False  # send a Draft event per step
     on_event: Callable[[Event], None] | None = None
+    prepare: Callable[[], tuple[list[int], int]] | None = None  # () -> (ids, max_new_tokens)
     cancelled: bool = False  # set by the caller (client gone); the slot is freed at the next step
     submitted: float = field(default_factory=time.monotonic)
 
@@ -184,12 +196,10 @@ class Scheduler:
             raise ValueError("max_batch must be at least 1 and max_queue at least 0")
         self.m, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.batched = BatchedPass(model)
-        self.waiting: deque[Job] = deque()
+        self.arrivals: deque[Job] = deque()  # submitted, not prepared yet
+        self.waiting: deque[Job] = deque()  # prepared, waiting for a slot
         self.active: list[_Sequence] = []
         self.cv = threading.Condition()
-        # held for a whole pass; whoever renders a chat template takes it too (the template sandbox
-        # lowers the process's address-space limit while it renders)
-        self.exclusive = threading.Lock()
         self.draining = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -206,9 +216,9 @@ class Scheduler:
             if self.draining or self._closed:
                 raise ShuttingDown("the server is shutting down")
             free_slots = self.max_batch - len(self.active)
-            if len(self.waiting) >= self.max_queue + max(free_slots, 0):
+            if len(self.waiting) + len(self.arrivals) >= self.max_queue + max(free_slots, 0):
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
-            self.waiting.append(job)
+            self.arrivals.append(job)
             self.cv.notify()
 
     def drain(self) -> None:
@@ -229,7 +239,7 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.arrivals)
 
     # ---- the engine thread ------------------------------------------------------------------
     def _emit(self, job: Job, event: Event) -> None:
@@ -240,17 +250,39 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - a receiver that went away must not stop the engine
             log.exception("event delivery failed")
 
+    def _prepare(self, job: Job) -> bool:
+        if job.prepare is not None:
+            try:
+                job.ids, job.max_new_tokens = job.prepare()
+            except Exception as e:  # noqa: BLE001 - a bad request (status 400 when it says so)
+                self._emit(job, Failed(str(getattr(e, "message", e)), int(getattr(e, "status", 500)),
+                                       getattr(e, "code", None)))
+                return False
+        self._emit(job, Accepted(len(job.ids), job.max_new_tokens))
+        return True
+
     def _admit(self) -> bool:
-        """Move waiting jobs into free slots; False when there is nothing to do and the thread should end."""
-        with self.cv:
-            while True:
+        """Prepare new arrivals (outside the lock: a template renders there) and move waiting jobs
+        into free slots; False when there is nothing to do and the thread should end."""
+        while True:
+            with self.cv:
+                arrivals = list(self.arrivals)
+                self.arrivals.clear()
+            for job in arrivals:
                 if self.draining:
-                    while self.waiting:
-                        self._emit(self.waiting.popleft(), Failed("the server is shutting down", 503))
-                else:
-                    while self.waiting and self.waiting[0].cancelled:
-                        self.waiting.popleft()
+                    self._emit(job, Failed("the server is shutting down", 503))
+                elif not job.cancelled and self._prepare(job):
+                    with self.cv:
+                        self.waiting.append(job)
+            with self.cv:
+                if self.arrivals:
+                    continue
+                while self.waiting and (self.draining or self.waiting[0].cancelled):
+                    job = self.waiting.popleft()
+                    if job.cancelled:
                         self.stats["cancelled"] += 1
+                    else:
+                        self._emit(job, Failed("the server is shutting down", 503))
                 while self.waiting and len(self.active) < self.max_batch:
                     job = self.waiting.popleft()
                     try:
@@ -268,9 +300,7 @@ class Scheduler:
             for seq in [s for s in self.active if s.job.cancelled]:
                 self.active.remove(seq)
                 self.stats["cancelled"] += 1
-            if not self.active:
-                continue
-            with self.exclusive:
+            if self.active:
                 self._step()
 
     def _step(self) -> None:
