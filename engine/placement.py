@@ -88,12 +88,10 @@ def parse_bytes(text: str | int | float, what: str = "size") -> int:
 
 
 def fmt_bytes(n: int | float) -> str:
-    """Binary units: GiB from 0.1 GiB up (so budget-sized numbers line up), MiB / KiB below."""
-    if abs(n) >= GIB / 10:
-        return f"{n / GIB:.2f} GiB"
-    if abs(n) >= MIB / 10:
-        return f"{n / MIB:.2f} MiB"
-    return f"{n / 1024:.2f} KiB"
+    """Sizes as every command prints them (gguf_tools.units.fmt_size: MiB below 1 GiB, as llama.cpp)."""
+    from gguf_tools.units import fmt_size
+
+    return fmt_size(n)
 
 
 def _n_elements(shape: Sequence[int]) -> int:

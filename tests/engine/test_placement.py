@@ -148,7 +148,7 @@ def test_half_gb_is_refused_with_a_message(full):
     p = plan(full, "0.5GB")
     print("\n" + summary(p) + "\n" + p.message)
     assert not p.fits
-    assert "too small" in p.message and "0.50 GiB" in p.message and "needs" in p.message
+    assert "too small" in p.message and "512.00 MiB" in p.message and "needs" in p.message
     assert "refused:" in p.explain()
     assert p.to_json()["fits"] is False
     with pytest.raises(PlacementError, match="too small"):
@@ -257,7 +257,7 @@ def test_parse_errors():
 
 GOLDEN = r"""placement plan: golden
   context 512 tokens, canvas 32, compute dtype bf16, prefill chunk 256
-  VRAM budget 23.67 MiB, host RAM 0.93 GiB
+  VRAM budget 23.67 MiB, host RAM 953.67 MiB
   cost model (assumed): link 24.0 GB/s, CPU 400 GFLOP/s + dequant 0.25 GB/s, GPU 1000.0 GB/s
 
 VRAM
@@ -265,8 +265,8 @@ VRAM
   KV cache, sliding: 3 layers x 7 tokens                        2.62 KiB
   KV cache, full: 1 layers x 512 tokens                        64.00 KiB
   canvas logits 32 x 512 fp32                                  64.00 KiB
-  self-conditioning logits + soft embeddings                    0.12 MiB
-  sampler scratch (scaled logits, probabilities)                0.12 MiB
+  self-conditioning logits + soft embeddings                  128.00 KiB
+  sampler scratch (scaled logits, probabilities)              128.00 KiB
   attention workspace (256 queries x 768 keys)                 10.34 MiB
   activations (hidden, q/k/v, MLP, MoE, vocab chunk)            4.35 MiB
   dequantization scratch (largest per-use operand)              1.88 MiB
@@ -276,12 +276,12 @@ VRAM
 
 host RAM
   offloaded weights (7 tensors)                                 5.31 MiB
-  pinned staging (arena)                                        0.00 KiB
+  pinned staging (arena)                                             0 B
   total                                                         5.31 MiB
 
 expert layers
   layer     experts      in RAM  compute   ms/step  reason
-      0    1.59 MiB    0.53 MiB  stream        0.0  --override-tensor blk\.0\.ffn_down_exps=cpu
+      0    1.59 MiB  544.00 KiB  stream        0.0  --override-tensor blk\.0\.ffn_down_exps=cpu
       1    1.59 MiB    1.59 MiB  stream        0.1  auto: offloaded to fit the VRAM budget
       2    1.59 MiB    1.59 MiB  stream        0.1  auto: offloaded to fit the VRAM budget
       3    1.59 MiB    1.59 MiB  stream        0.1  auto: offloaded to fit the VRAM budget

@@ -62,7 +62,7 @@ def test_12gb_offloads_more(reference_config):
 
 def test_half_gb_is_refused(reference_config):
     r = invoke("plan", reference_config, "--vram", "0.5GB", "--ctx", CTX)
-    one_line_error(r, "too small", "0.50 GiB", "needs")
+    one_line_error(r, "too small", "512.00 MiB", "needs")
     # the table still shows what would be needed; the refusal is said once, on stderr
     assert "total (of 512.00 MiB)" in r.stdout and "too small" not in r.stdout
     assert not any(line.startswith(("fits", "does not fit", "refused")) for line in r.stdout.splitlines())
