@@ -33,7 +33,10 @@ __all__ = [
     "DiffusionModel",
     "GenerationResult",
     "ModelRunner",
+    "ReferenceStep",
+    "SamplerStep",
     "StepInfo",
+    "StepOutcome",
     "generate",
 ]
 
@@ -190,6 +193,42 @@ class GenerationResult:
         return sum(self.steps_per_canvas)
 
 
+@dataclass
+class StepOutcome:
+    """One denoising step as the loop sees it."""
+
+    canvas: torch.LongTensor  # the next diffusion state: accepted samples, fresh noise elsewhere
+    argmax: torch.LongTensor  # [C] the current draft
+    entropy: torch.Tensor  # [C] of the temperature-scaled distribution
+    accepted: torch.Tensor  # [C] bool
+    carry: Any  # the next step's self-conditioning input
+
+
+class SamplerStep(Protocol):
+    def __call__(self, canvas: torch.LongTensor, self_cond: Any, temp: float,
+                 generator: torch.Generator | None, entropy_bound: float) -> StepOutcome: ...
+
+
+class ReferenceStep:
+    """The reference step: decode, scale, then sample, argmax, entropy and acceptance over the
+    [C, V] scaled logits, renoise; the scaled logits (cast to ``self_cond_dtype``) carry over."""
+
+    def __init__(self, model: DiffusionModel, vocab: int, sc_dtype: torch.dtype | None):
+        self.model, self.vocab, self.sc_dtype = model, vocab, sc_dtype
+
+    def __call__(self, canvas: torch.LongTensor, self_cond: Any, temp: float,
+                 generator: torch.Generator | None, entropy_bound: float) -> StepOutcome:
+        model = self.model
+        scaled = getattr(model, "decode_scaled", None)
+        z = scaled(canvas, self_cond, temp) if scaled else S.scale_logits(model.decode(canvas, self_cond), temp)
+        sampled = S.sample(z, generator)
+        argmax = z.argmax(dim=-1)
+        h = S.entropy(z)
+        accepted = S.entropy_bound_mask(h, entropy_bound)
+        canvas = S.renoise(canvas, accepted, sampled, self.vocab, generator)
+        return StepOutcome(canvas, argmax, h, accepted, z if self.sc_dtype is None else z.to(self.sc_dtype))
+
+
 def _validate(max_new_tokens, steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold):
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -223,11 +262,14 @@ def generate(
     generator: torch.Generator | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     on_canvas: Callable[[int, torch.LongTensor], None] | None = None,
+    sampler_step: SamplerStep | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (1-D).
 
     ``ceil(max_new_tokens / C)`` canvases are denoised; the output is trimmed to
     ``max_new_tokens``.  ``on_canvas(i, tokens)`` receives each committed (padded, trimmed) canvas.
+    ``sampler_step`` replaces `ReferenceStep` with a fast step that draws the same tokens (e.g.
+    engine.cpu_steps.CpuFusedStep); what it carries as self-conditioning is its own business.
     """
     _validate(max_new_tokens, steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
     prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long)
@@ -241,6 +283,8 @@ def generate(
     sc_dtype = getattr(model, "self_cond_dtype", None)
     temps = S.temperature_schedule(steps, t_min, t_max)
     stopper = S.StoppingState(stability_threshold, confidence_threshold, max_steps=steps)
+
+    step_fn = sampler_step or ReferenceStep(model, vocab, sc_dtype)
 
     model.encode(prompt_ids)
     outputs: list[torch.LongTensor] = []
@@ -259,15 +303,9 @@ def generate(
         self_cond = None
         stopper.reset()
         for step, temp in enumerate(temps, start=1):
-            scaled = getattr(model, "decode_scaled", None)
-            z = scaled(canvas, self_cond, temp) if scaled else S.scale_logits(model.decode(canvas, self_cond), temp)
-            sampled = S.sample(z, generator)
-            argmax = z.argmax(dim=-1)
-            h = S.entropy(z)
-            accepted = S.entropy_bound_mask(h, entropy_bound)
-            canvas = S.renoise(canvas, accepted, sampled, vocab, generator)
+            out = step_fn(canvas, self_cond, temp, generator, entropy_bound)
+            canvas, argmax, h, accepted, self_cond = out.canvas, out.argmax, out.entropy, out.accepted, out.carry
             stop = stopper.update(argmax, h)
-            self_cond = z if sc_dtype is None else z.to(sc_dtype)
             if on_step is not None:
                 on_step(StepInfo(canvas_index, step, int(accepted.sum()), stopper.mean_entropy, temp, argmax))
             if stop:

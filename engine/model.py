@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from gguf_tools.arch import ArchSpec, LayerGeometry
 
+from .row_stats import OnlineRowStats
 from .weights import WeightStore, quantized_linear
 
 
@@ -327,6 +328,10 @@ class DiffusionGemmaModel:
         # reference, engine.triton_ops.TritonOps the fast path (engine.backend picks one)
         self.ops: TorchOps = TorchOps(self)
         self.step_graphs = None  # engine.graph_step.StepGraphs when denoising steps are replayed as graphs
+        # CPU fast path (engine/cpu_steps.py): the row statistics of the last torch vocabulary pass with a
+        # temperature, and an optional compute copy of the embedding table that pass reads instead
+        self.last_row_stats = None
+        self.vocab_table = None
         self.token_embd, self.output_norm = "token_embd.weight", "output_norm.weight"
         self.self_cond_norm = self.weights.self_cond_norm
         self.self_cond_gate, self.self_cond_up, self.self_cond_down = (
@@ -373,29 +378,45 @@ class DiffusionGemmaModel:
     def torch_vocab_pass(self, x: torch.Tensor, temperature: float | None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference vocabulary pass over output-normed `x`: logits [T, V] fp32 and, with a
-        temperature, softmax(logits / T) @ E (fp32, before the sqrt(H) scale)."""
+        temperature, softmax(logits / T) @ E (fp32, before the sqrt(H) scale).
+
+        With a temperature the sampler's row statistics of z = logits / T (max, logsumexp, entropy,
+        argmax; engine.row_stats) are gathered from the same chunks and left in `last_row_stats`,
+        so a CPU sampler (engine.cpu_steps) needs no other sweep over [T, V] for them. The table
+        chunks come from `vocab_table` when one is set (a compute copy holding the same values,
+        engine.cpu_steps.VocabTable), else they are dequantized here."""
         out = torch.empty(x.shape[0], self.vocab, dtype=torch.float32, device=self.device)
         cap = self.spec.final_logit_softcapping
-        soft = run_max = run_sum = None
+        soft = run_max = run_sum = stats = None
         if temperature is not None:
             soft = torch.zeros(x.shape[0], self.spec.embedding_length, dtype=torch.float32, device=self.device)
             run_max = torch.full((x.shape[0], 1), -torch.inf, device=self.device)
             run_sum = torch.zeros(x.shape[0], 1, device=self.device)
+            stats = OnlineRowStats(x.shape[0], self.device)
+        cached = getattr(self, "vocab_table", None)
         for s in range(0, self.vocab, self.vocab_chunk):
             e = min(s + self.vocab_chunk, self.vocab)
-            table = self.weights.row_range(self.token_embd, s, e, self.device, self.dtype)
+            if cached is not None and cached.holds(s, e, self.device, self.dtype):
+                table = cached.rows(s, e)
+            else:
+                table = self.weights.row_range(self.token_embd, s, e, self.device, self.dtype)
             chunk = out[:, s:e]
             chunk.copy_(x @ table.T)
             torch.tanh(chunk.div_(cap), out=chunk).mul_(cap)
             if temperature is not None:
                 z = chunk / torch.tensor(temperature, dtype=torch.float32, device=self.device)
-                new_max = torch.maximum(run_max, z.amax(-1, keepdim=True))
+                z_max = z.amax(-1, keepdim=True)
+                new_max = torch.maximum(run_max, z_max)
                 rescale = torch.exp(run_max - new_max)
-                p = torch.exp(z - new_max)
+                d = z - new_max
+                p = torch.exp(d)
+                old_sum = run_sum
                 run_sum = run_sum * rescale + p.sum(-1, keepdim=True)
                 soft = soft * rescale + (p.to(self.dtype) @ table).float()
+                stats.update(z, s, z_max, run_max, new_max, old_sum, d, p)
                 run_max = new_max
         if soft is not None:
+            self.last_row_stats = stats.result(run_max, run_sum)
             soft = soft / run_sum
         return out, soft
 

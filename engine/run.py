@@ -285,6 +285,10 @@ def _place(lm: LoadedModel, device: torch.device, ctx: int, opts: RunOptions) ->
     return plan
 
 
+# engine/cpu_steps.py's step for `run` on the CPU (False: the reference step, for comparison)
+CPU_FUSED_STEP = True
+
+
 def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, device: torch.device, plan: Plan,
               on_text: Callable[[str], None] | None, on_step: Callable[[StepInfo], None] | None) -> RunResult:
     spec, tok = lm.model.spec, lm.tokenizer
@@ -314,9 +318,16 @@ def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, d
             on_step=on_step, on_canvas=canvas_done, stepper=FusedStepper(lm.model, runner.cache),
             **sampler_kwargs(spec, opts))
     else:
+        # on the CPU the sampler's statistics come from the vocabulary pass and only accepted rows are
+        # drawn (engine/cpu_steps.py: the same tokens as the reference step, without its [C, V] sweeps)
+        step = None
+        if device.type == "cpu" and CPU_FUSED_STEP:
+            from .cpu_steps import CpuFusedStep
+
+            step = CpuFusedStep(lm.model, runner.cache)
         result = generate(
             runner, torch.tensor(ids, dtype=torch.long), max_new_tokens=max_new, generator=generator,
-            on_step=on_step, on_canvas=canvas_done, **sampler_kwargs(spec, opts))
+            on_step=on_step, on_canvas=canvas_done, sampler_step=step, **sampler_kwargs(spec, opts))
     total = time.perf_counter() - t0
     tokens = [int(t) for t in result.tokens.tolist()]
     decode_s = max(total - runner.prefill_s, 1e-9)
