@@ -192,6 +192,20 @@ def quantize(
     threads: int | None = typer.Option(None, "--threads", metavar="N", show_default=False,
                                        help="Worker processes quantizing in parallel (default: every core). The "
                                             "file is byte-identical whatever N; each worker needs about 128 MiB."),
+    target_size: str | None = typer.Option(None, "--target", metavar="SIZE",
+                                           help="Fit a size instead of a preset's mix: a file size (18GB = 18e9 "
+                                                "bytes, 16.5GiB), bits per weight (4.8bpw) or vram:24GB (a card "
+                                                "with --ctx tokens of KV cache). Every tensor's GGML type is chosen "
+                                                "by measured sensitivity (imatrix-weighted quantization error times "
+                                                "a KLD gain); --type sets the file's defaults."),
+    save_preset: Path | None = typer.Option(None, "--save-preset", metavar="FILE.toml",
+                                            help="With --target: save the chosen mix as a preset for --type "
+                                                 "FILE.toml."),
+    probe: bool = typer.Option(False, "--probe", help="With --target: measure every tensor's KLD gain on this "
+                                                      "model with probes (the built-in model's calibration "
+                                                      "prompts) instead of the built-in per-role gains."),
+    ctx: int = typer.Option(32768, "--ctx", metavar="N", help="With --target vram:SIZE: tokens of KV cache the "
+                                                              "card must hold beside the weights."),
 ) -> None:
     """Quantize a checkpoint folder or a GGUF into one GGUF file.
 
@@ -216,6 +230,10 @@ def quantize(
 
         im = load_imatrix(imatrix)
     from_gguf = src.is_file()  # a file is a GGUF to requantize (its reader names what is wrong with it)
+    if target_size is not None or save_preset is not None or probe:
+        _quantize_to_target(src, out, type_name, overrides, imatrix, im, target_size, save_preset, probe, ctx,
+                            pure, dry_run, as_json, n_threads)
+        return
     if dry_run:
         if from_gguf:
             plan = plan_requantize(src, type_name, overrides, pure=pure, imatrix=im)[0]
@@ -245,6 +263,105 @@ def quantize(
     from gguf_tools.units import fmt_size
 
     typer.echo(f"wrote {path} ({len(plan.tensors)} tensors, {fmt_size(plan.total_bytes)})")
+
+
+def _quantize_to_target(src: Path, out: Path | None, type_name: str, overrides: tuple, imatrix: Path | None,
+                        im: Any, target_size: str | None, save_preset: Path | None, probe: bool, ctx: int, pure: bool,
+                        dry_run: bool, as_json: bool, threads: int) -> None:
+    """quantize --target: measure, choose the mix (gguf_tools.target_mix), then write it as --tensor-type rules."""
+    from gguf_tools import convert as conv
+    from gguf_tools import target_mix as tm
+    from gguf_tools.bars import ConversionBar, StepBar
+    from gguf_tools.requantize import default_output as gguf_default_output
+    from gguf_tools.requantize import requantize
+
+    if target_size is None:
+        _fail("--save-preset and --probe go with --target SIZE")
+    if pure:
+        _fail("--pure and --target both decide every tensor's type; use one")
+    if ctx < 1:
+        _fail(f"--ctx {ctx}: must be at least 1")
+    target = tm.parse_target(target_size)
+    if save_preset is not None and save_preset.suffix.lower() != ".toml":
+        _fail(f"--save-preset {save_preset}: the file name must end in .toml")
+    if im is None:
+        typer.echo("note: no --imatrix: every input column counts the same in the quantization error", err=True)
+    from_gguf = src.is_file()
+    if target.kind == "vram":
+        target = _vram_target(src, type_name, target, ctx, from_gguf)
+    gains = _probe_gains(src, im, from_gguf) if probe else None
+    with StepBar() as bar:
+        _, mix = tm.target_plan(src, type_name, target, im, overrides=overrides, gains=gains, threads=threads,
+                                on_tensor=lambda d, n: bar.update("quantization error", d, n))
+    if save_preset is not None:
+        from gguf_tools.outputs import check_output_path
+
+        check_output_path(save_preset, inputs=[src, imatrix])
+        tm.save_preset(mix, save_preset, type_name, command=f"--type {type_name}")
+        typer.echo(f"wrote preset {save_preset} (use it with --type {save_preset})", err=True)
+    rules = tuple(overrides) + mix.rules()
+    if dry_run:
+        if as_json:
+            _echo_json({"summary": tm.summary(mix), "tensors": tm.explain(mix)})
+            return
+        for row in tm.explain(mix):
+            typer.echo(f"{row['name']:<34} {row['type']:<6} {row['bytes']:>11,} B  rel {row['rel_error']:.2e}  "
+                       f"x gain {row['gain']:.2e} = KLD {row['kld']:.2e}  {row['why']}")
+        s = tm.summary(mix)
+        typer.echo(f"target {s['target']}: {s['planned_bytes']:,} bytes planned (smallest mix {s['smallest_bytes']:,}, "
+                   f"BF16 {s['bf16_bytes']:,}); expected KLD {s['expected_kld']:.3e} "
+                   f"(--type {type_name}'s own types: {s['stock_expected_kld']:.3e})")
+        return
+    path_out = out or (gguf_default_output(src, f"{type_name}-{target_size}") if from_gguf
+                       else conv.default_output(src, f"{type_name}-{target_size}"))
+    conv.refuse_overwriting_inputs(path_out, src, imatrix)
+    if from_gguf:
+        path, plan = requantize(src, path_out, type_name, rules, ConversionBar(), imatrix=im, threads=threads)
+    else:
+        path, plan = conv.convert(src, path_out, type_name, overrides=rules, reporter=ConversionBar(), imatrix=im,
+                                  threads=threads)
+    from gguf_tools.units import fmt_size
+
+    typer.echo(f"wrote {path} ({len(plan.tensors)} tensors, {fmt_size(path.stat().st_size)}, target {target_size}, "
+               f"expected KLD {mix.expected_kld:.3e})")
+
+
+def _vram_target(src: Path, type_name: str, target: Any, ctx: int, from_gguf: bool) -> Any:
+    """vram:SIZE -> the bytes of weights that fit beside --ctx tokens of KV cache (the planner's count)."""
+    from engine.sensitivity import weights_budget
+    from gguf_tools import convert as conv
+    from gguf_tools.requantize import plan_requantize
+    from gguf_tools.target_mix import Target
+
+    base = plan_requantize(src, type_name)[0] if from_gguf else conv.plan_conversion(src, type_name)
+    tensors = [(t.name, tuple(t.shape), t.qtype.name, t.n_bytes) for t in base.tensors]
+    return Target("weights", weights_budget(base.spec, tensors, int(target.value), ctx), target.text)
+
+
+def _probe_gains(src: Path, im: Any, from_gguf: bool) -> dict[str, float]:
+    """--probe: every tensor's KLD gain measured on this model (a BF16 copy when SRC is a folder)."""
+    import tempfile
+
+    import torch
+
+    from engine.default_model import NAME
+    from engine.imatrix_collect import builtin_samples
+    from engine.run import load
+    from engine.sensitivity import probe_gains
+    from gguf_tools import convert as conv
+    from gguf_tools.bars import StepBar
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = src if from_gguf else conv.convert(src, Path(tmp) / "probe-BF16.gguf", "BF16")[0]
+        lm = load(gguf, torch.device("cpu"))
+        torch.set_num_threads(1)  # the built-in model's products are too small to share out among threads
+        if not str(lm.file.kv.get("general.name", "")).startswith(NAME):
+            _fail(f"--probe runs the built-in {NAME} model's calibration prompts; {src} is another model "
+                  "(leave --probe out to use the built-in per-role gains)")
+        with StepBar() as bar:
+            probes = probe_gains(lm, builtin_samples(lm, 32, seed=11), im,
+                                 on_tensor=lambda d, n: bar.update("KLD probes", d, n))
+    return {n: p["gain"] for n, p in probes.items()}
 
 
 @command()

@@ -37,6 +37,7 @@ from .presets import (
     load_preset,
     n_dims,
     parse_type,
+    preset_label,
     tensor_bytes,
 )
 from .safetensors_io import Checkpoint, CheckpointError
@@ -176,7 +177,7 @@ def _general_kv(plan: ConversionPlan) -> list[tuple[str, Any, str]]:
 def default_output(src: Path, type_name: str) -> Path:
     """The community convention: <model-name>-<TYPE>.gguf beside the checkpoint folder."""
     src = src.resolve()
-    return src.parent / f"{src.name}-{type_name.upper()}.gguf"
+    return src.parent / f"{src.name}-{preset_label(type_name)}.gguf"
 
 
 def prepare(src: Path, type_name: str = "BF16", arch: str = ARCH,
@@ -283,18 +284,7 @@ def write_plan(plan: ConversionPlan, path: Path, chunks: Callable[[PlannedTensor
                reporter: Reporter | None, threads: int = 1) -> None:
     """Tensor infos, then every tensor's chunks in order; the chunk jobs run on `threads` threads
     (gguf_tools.parallel_quant), their results are written in plan order."""
-    w = GGUFWriter(path, plan.arch)
-    kv = plan.output_kv()
-    if any(k == "general.architecture" for k, _, _ in kv):
-        w.kv_data[0].clear()  # keep the input's key order (requantize)
-    for key, value, vtype in kv:
-        _add_kv(w, key, value, vtype)
-    for t in plan.tensors:
-        shape = t.shape[len(t.shape) - n_dims(t.shape):]  # ggml_n_dims: no leading 1s in NumPy order
-        w.add_tensor_info(t.name, shape, np.dtype(np.float32), t.n_bytes, raw_dtype=t.qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+    w = _write_header(plan, path)
     assert w.fout is not None
     fout = w.fout[0]
     if reporter:
@@ -337,6 +327,35 @@ def write_plan(plan: ConversionPlan, path: Path, chunks: Callable[[PlannedTensor
         w.close()
         if reporter:
             reporter.finish(ok)
+
+
+def _write_header(plan: ConversionPlan, path: Path) -> GGUFWriter:
+    """Header, key/values and tensor infos of `plan` written to `path`; the writer stays open."""
+    w = GGUFWriter(path, plan.arch)
+    kv = plan.output_kv()
+    if any(k == "general.architecture" for k, _, _ in kv):
+        w.kv_data[0].clear()  # keep the input's key order (requantize)
+    for key, value, vtype in kv:
+        _add_kv(w, key, value, vtype)
+    for t in plan.tensors:
+        shape = t.shape[len(t.shape) - n_dims(t.shape):]  # ggml_n_dims: no leading 1s in NumPy order
+        w.add_tensor_info(t.name, shape, np.dtype(np.float32), t.n_bytes, raw_dtype=t.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w
+
+
+def header_size(plan: ConversionPlan) -> int:
+    """Bytes before the first tensor's data (unpadded); they do not depend on the tensor types."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        w = _write_header(plan, Path(d) / "header.gguf")
+        assert w.fout is not None
+        n = w.fout[0].tell()
+        w.close()
+    return n
 
 
 def _with_last(items: Iterable[Chunk]) -> Iterable[tuple[Chunk, bool]]:

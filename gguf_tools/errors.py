@@ -8,7 +8,9 @@ from .parallel_quant import ThreadsError
 from .presets import PresetError
 from .reader import GGUFError
 from .safetensors_io import CheckpointError
+from .target_mix import TargetError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     SpecError, ConversionError, PresetError, GGUFError, CheckpointError, FileNotFoundError, ThreadsError,
+    TargetError,
 )

@@ -55,6 +55,8 @@ class Imatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     legacy: bool = False
+    # rows seen per matrix (per expert for 3-D weights), as stored; a legacy file has none
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def lookup(self, name: str, shape: Sequence[int]) -> np.ndarray | None:
         """The values llama-quantize uses for tensor `name` (NumPy shape): (ne0,) for a 2-D weight,
@@ -131,6 +133,7 @@ def _load_gguf(p: Path, shown: str) -> Imatrix:
             if t.name.endswith(suffix) and len(t.name) > len(suffix):
                 pairs.setdefault(t.name[: -len(suffix)], [None, None])[slot] = t
     entries: dict[str, np.ndarray] = {}
+    counts_of: dict[str, np.ndarray] = {}
     for name in sorted(pairs):
         sums_t, counts_t = pairs[name]
         if sums_t is None or counts_t is None:
@@ -140,8 +143,9 @@ def _load_gguf(p: Path, shown: str) -> Imatrix:
         sums = np.asarray(sums_t.data, dtype=np.float32).reshape(-1)
         counts = _lround(np.asarray(counts_t.data, dtype=np.float32).reshape(-1))
         entries[name] = normalise_gguf(sums, counts, name, shown)
+        counts_of[name] = counts
     return Imatrix(shown, entries, datasets, _u32(fields["imatrix.chunk_count"]),
-                   _u32(fields["imatrix.chunk_size"]), legacy=False)
+                   _u32(fields["imatrix.chunk_size"]), legacy=False, counts=counts_of)
 
 
 def _u32(f: Any) -> int:

@@ -201,10 +201,25 @@ def _parse_rule(r: Any, where: str) -> Rule:
                 row_fits_default=r.get("row_fits_default"))
 
 
+def is_preset_file(name: str) -> bool:
+    """--type FILE.toml: a preset saved by `quantize --target --save-preset` (or written by hand)."""
+    return name.strip().lower().endswith(".toml")
+
+
+def preset_label(name: str) -> str:
+    """What an output file name carries: the type, or a preset file's name without .toml."""
+    return Path(name.strip()).stem.upper() if is_preset_file(name) else name.strip().upper()
+
+
 def load_preset(name: str) -> Preset:
-    path = PRESET_DIR / f"{name.strip().lower()}.toml"
-    if not name.strip() or not path.is_file():
-        raise PresetError(f"unknown type or preset {name!r} (known: {', '.join(available_presets())})")
+    if is_preset_file(name):
+        path = Path(name.strip())
+        if not path.is_file():
+            raise PresetError(f"--type {name}: no such preset file")
+    else:
+        path = PRESET_DIR / f"{name.strip().lower()}.toml"
+        if not name.strip() or not path.is_file():
+            raise PresetError(f"unknown type or preset {name!r} (known: {', '.join(available_presets())})")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         rules = tuple(_parse_rule(r, f"{path.name} rule {i + 1}") for i, r in enumerate(data.get("rules", [])))

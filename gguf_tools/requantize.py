@@ -37,7 +37,7 @@ from .convert import (
 )
 from .imatrix import Imatrix
 from .parallel_quant import Shared, check_threads
-from .presets import FLOAT_TYPES, ModelFacts, Rule, choose_types, load_preset, tensor_bytes
+from .presets import FLOAT_TYPES, ModelFacts, Rule, choose_types, load_preset, preset_label, tensor_bytes
 from .reader import GGUFError, GGUFFile
 
 GGUF_MAGIC = b"GGUF"
@@ -67,7 +67,7 @@ def default_output(src: Path, type_name: str) -> Path:
     """<name>-<TYPE>.gguf beside the input, replacing a type suffix such as -BF16."""
     src = Path(src).resolve()
     stem = _TYPE_SUFFIX.sub("", src.stem)
-    return src.with_name(f"{stem}-{type_name.upper()}.gguf")
+    return src.with_name(f"{stem}-{preset_label(type_name)}.gguf")
 
 
 def _input_kv(f: GGUFFile) -> list[tuple[str, Any, str]]:
