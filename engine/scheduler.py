@@ -203,6 +203,7 @@ class Scheduler:
         self.draining = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._threads = torch.get_num_threads()
         self.stats = {"passes": 0, "segments": 0, "completed": 0, "failed": 0, "cancelled": 0}
 
     # ---- any thread -------------------------------------------------------------------------
@@ -296,12 +297,19 @@ class Scheduler:
                 self.cv.wait(0.2)  # also wakes a drain() set from a signal handler
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)  # the creating thread's setting, whatever the OpenMP runtime does
         while self._admit():
             for seq in [s for s in self.active if s.job.cancelled]:
                 self.active.remove(seq)
                 self.stats["cancelled"] += 1
-            if self.active:
+            if not self.active:
+                continue
+            try:
                 self._step()
+            except Exception as e:  # noqa: BLE001 - a bug in the loop itself: fail what runs, keep serving
+                log.exception("engine step failed")
+                for seq in list(self.active):
+                    self._retire(seq, e)
 
     def _step(self) -> None:
         seqs = list(self.active)
