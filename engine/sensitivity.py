@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 
 from gguf_tools.imatrix import Imatrix
 from gguf_tools.presets import allows_quantization, block_fits
-from gguf_tools.target_mix import read_gguf_rows, usage_of, weighted_energy
+from gguf_tools.quant_error import read_gguf_rows, usage_of, weighted_energy
 
 from .evaluate import divergence
 from .imatrix_collect import NOISE_LEVELS, Sample, noise_levels_temperature

@@ -17,8 +17,8 @@ from gguf_tools.convert import convert
 from gguf_tools.imatrix import load_imatrix
 from gguf_tools.parallel_quant import Shared
 from gguf_tools.presets import Rule
+from gguf_tools.quant_error import ErrorJob, read_gguf_rows, usage_of
 from gguf_tools.reader import GGUFFile
-from gguf_tools.target_mix import ErrorJob, read_gguf_rows, usage_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ("blk.0.attn_q.weight", "blk.1.ffn_gate_up_exps.weight")

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from gguf_tools import quant_error as qe
 from gguf_tools import target_mix as tm
 from gguf_tools.parallel_quant import Shared
 from gguf_tools.reader import GGUFFile
@@ -94,10 +95,10 @@ def test_measured_error_is_the_weighted_quantization_error(tmp_path):
     f = _gguf(tmp_path, w)
     src = Shared(f, GGUFFile, str(f.path))
     for max_rows in (1000, 32):
-        job = tm.ErrorJob(src, tm.read_gguf_rows, "w.weight", "w.weight", (96, 64), (Q.Q8_0, Q.Q4_0), None,
+        job = qe.ErrorJob(src, qe.read_gguf_rows, "w.weight", "w.weight", (96, 64), (Q.Q8_0, Q.Q4_0), None,
                           np.ones(1), max_rows)
         got = job()
-        rows = np.concatenate([w[a:b] for a, b in tm._blocks(96, min(96, max_rows))])
+        rows = np.concatenate([w[a:b] for a, b in qe._blocks(96, min(96, max_rows))])
         for q in (Q.Q8_0, Q.Q4_0):
             deq = gguf_dequantize(gguf_quantize(rows, q), q)
             expect = ((rows - deq).astype(np.float64) ** 2).sum() / (rows.astype(np.float64) ** 2).sum()
@@ -140,7 +141,7 @@ def test_target_meets_the_size_and_the_preset_reproduces_it(stock, tmp_path):
     assert r.exit_code == 0, r.output
     assert (bf16.parent / "m-MIX.gguf").is_file()
     types = {t.qtype for t in GGUFFile(out).tensors.values()}
-    assert types <= set(tm.CANDIDATES) | {Q.F32}
+    assert types <= set(qe.CANDIDATES) | {Q.F32}
 
 
 def test_dry_run_explains_the_mix(stock, tmp_path):
