@@ -3,6 +3,7 @@
     python bench/serve_bench.py                          # default model: 1, 4 and 16 clients x 200 requests
     python bench/serve_bench.py --clients 16 --requests 200
     python bench/serve_bench.py --full-width [--model FILE.gguf]   # synthetic 2-layer full-width model
+    python bench/serve_bench.py --passes [--model FILE.gguf] [--batch 1,4,16]   # the batched pass alone
 
 Default model: request i is a held-out sorting prompt asked through /v1/chat/completions with seed i
 (the file's sampler settings and max_tokens). Before the server starts, the single-request answer of
@@ -231,6 +232,43 @@ def full_width_bench(args: argparse.Namespace) -> None:
     print(f"\nseed 0 answered alone and within the 4: same tokens: {same}")
 
 
+def pass_bench(args: argparse.Namespace) -> None:
+    """The engine alone: one BatchedPass over B canvases against B decode_step calls (the one-sequence
+    pass `run` makes), the outputs checked bit for bit."""
+    import torch
+
+    from engine.batch import BatchedPass, Segment
+    from engine.run import load
+
+    torch.set_num_threads(args.threads)
+    m = load(Path(args.model) if args.model else None, torch.device("cpu"), need_tokenizer=False).model
+    g = torch.Generator().manual_seed(0)
+    cache = m.new_cache()
+    m.encode(torch.randint(0, m.vocab, (16,), generator=g), cache)
+    canvas = torch.randint(0, m.vocab, (m.canvas_length,), generator=g)
+    _, soft = m.decode_step(canvas, cache, None, 0.8)
+
+    def timed(fn):
+        out, times = None, []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        return out, min(times)
+
+    (logits, soft_next), t_one = timed(lambda: m.decode_step(canvas, cache, soft, 0.8))
+    print(f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} threads; "
+          f"{args.model or 'default model'}; {m.canvas_length}-token canvas with self-conditioning; "
+          f"best of {args.reps}\n")
+    print("| canvases | one pass s | decode_step s | pass / one step | canvases per step-time | bit-identical |")
+    print("|---:|---:|---:|---:|---:|---|")
+    bp = BatchedPass(m)
+    for b in args.batch:
+        outs, t_b = timed(lambda b=b: bp.run([Segment(cache, canvas, soft=soft, temperature=0.8)] * b))
+        same = all(torch.equal(o.logits, logits) and torch.equal(o.soft, soft_next) for o in outs)
+        print(f"| {b} | {t_b:.3f} | {t_one:.3f} | {t_b / t_one:.2f} | {b * t_one / t_b:.2f} | {same} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
@@ -243,9 +281,16 @@ def main() -> None:
     ap.add_argument("--type", default="Q8_0", help="--full-width: the type it is converted to")
     ap.add_argument("--steps", type=int, default=2, help="--full-width: denoising steps per request")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--passes", action="store_true",
+                    help="time the engine's batched pass alone (default model, or --model) at --batch sizes")
+    ap.add_argument("--batch", default="1,4,16", help="--passes: comma-separated canvas counts")
+    ap.add_argument("--reps", type=int, default=5, help="--passes: best of this many")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
-    if args.full_width:
+    args.batch = [int(c) for c in args.batch.split(",")]
+    if args.passes:
+        pass_bench(args)
+    elif args.full_width:
         full_width_bench(args)
     else:
         default_model_bench(args)

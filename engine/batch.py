@@ -133,6 +133,13 @@ class BatchedPass:
         for s in segments:
             if not s.encoder and s.temperature is None:
                 raise ValueError("a decoder segment needs its step's temperature")
+        if len(segments) == 1:  # nothing to share: the one-sequence pass itself, without this one's overhead
+            s = segments[0]
+            if s.encoder:
+                m.encode(s.tokens, s.cache, chunk_size=max(int(s.tokens.numel()), 1))
+                return [None]
+            assert s.temperature is not None
+            return [SegmentOutput(*m.decode_step(s.tokens, s.cache, s.soft, s.temperature))]
         rows = _Rows([int(s.tokens.numel()) for s in segments])
         starts = [s.cache.length for s in segments]
         h = self._inputs(segments, rows)
