@@ -796,6 +796,20 @@ def detect_vram() -> int | None:
         return None
 
 
+def sizes_from_source(source: Path | str, type_name: str | None = None
+                      ) -> tuple[ArchSpec, list[TensorSize], str]:
+    """(spec, tensor sizes, label) of a GGUF file, or of a checkpoint/config folder quantized to
+    `type_name` (a dry-run conversion plan)."""
+    source = Path(source)
+    if source.is_dir():
+        return sizes_from_config(source, type_name)
+    if source.is_file():
+        if type_name is not None:
+            raise PlacementError(f"--type applies to a config folder; {source.name} already has its types")
+        return sizes_from_gguf(source)
+    raise PlacementError(f"{source}: no such file or folder")
+
+
 def plan_for(source: Path | str, vram: str | int | None = None, ctx: int = 32768, type_name: str | None = None, *,
              override_tensor: Sequence[str] = (), cpu_moe: bool = False, n_cpu_moe: int = 0,
              host_ram: str | int | None = None, canvas: int | None = None, dtype: str = "bf16",
@@ -805,15 +819,7 @@ def plan_for(source: Path | str, vram: str | int | None = None, ctx: int = 32768
 
     vram: '24GB', '16GiB', a byte count, or None for the free VRAM of the CUDA device (no budget when
     there is none). host_ram: likewise; None = this machine's physical RAM."""
-    source = Path(source)
-    if source.is_dir():
-        spec, sizes, label = sizes_from_config(source, type_name)
-    elif source.is_file():
-        if type_name is not None:
-            raise PlacementError(f"--type applies to a config folder; {source.name} already has its types")
-        spec, sizes, label = sizes_from_gguf(source)
-    else:
-        raise PlacementError(f"{source}: no such file or folder")
+    spec, sizes, label = sizes_from_source(source, type_name)
     budget = parse_bytes(vram, "--vram") if vram is not None else detect_vram()
     ram = parse_bytes(host_ram, "host RAM") if host_ram is not None else detect_host_ram()
     rules = build_rules(override_tensor, cpu_moe, n_cpu_moe)
@@ -825,4 +831,4 @@ def plan_for(source: Path | str, vram: str | int | None = None, ctx: int = 32768
 
 __all__ = ["Buffer", "CostModel", "KVEntry", "LayerPlan", "Plan", "PlacementError", "PlacementRule", "TensorPlacement",
            "TensorSize", "build_rules", "fmt_bytes", "kv_entries", "parse_bytes", "parse_override", "plan_for",
-           "plan_placement", "sizes_from_config", "sizes_from_gguf"]
+           "plan_placement", "sizes_from_config", "sizes_from_gguf", "sizes_from_source"]

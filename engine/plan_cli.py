@@ -43,8 +43,7 @@ from .placement import (
     kv_entries,
     parse_bytes,
     plan_placement,
-    sizes_from_config,
-    sizes_from_gguf,
+    sizes_from_source,
 )
 
 TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -79,15 +78,7 @@ def make_plan(source: Path | str, *, vram: str | int | None, ctx: int | None = N
     if n_cpu_moe < 0:
         raise PlacementError(f"--n-cpu-moe {n_cpu_moe}: must be at least 0")
     vram_b, host_b = size_option(vram, "--vram"), size_option(host_ram, "--host-ram")
-    source = Path(source)
-    if source.is_dir():
-        spec, sizes, label = sizes_from_config(source, type_name)
-    elif source.is_file():
-        if type_name is not None:
-            raise PlacementError(f"--type applies to a config folder; {source.name} already has its types")
-        spec, sizes, label = sizes_from_gguf(source)
-    else:
-        raise PlacementError(f"{source}: no such file or folder")
+    spec, sizes, label = sizes_from_source(source, type_name)
     ctx = min(DEFAULT_PLAN_CTX, spec.context_length) if ctx is None else ctx
     if ctx > spec.context_length:
         raise PlacementError(f"--ctx {ctx} exceeds the model's context length {spec.context_length}")
