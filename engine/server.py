@@ -452,8 +452,13 @@ def serve(opts: ServeOptions, on_notice: Callable[[str], None] | None = None,
           on_ready: Callable[[str], None] | None = None) -> None:
     """Run the server until SIGTERM/SIGINT; `on_ready` gets the URL once it listens (the real port
     when --port 0 asked for any free one)."""
-    service = open_service(opts, on_notice)
-    sock = _listen(opts.host, opts.port)
+    opts.check()
+    sock = _listen(opts.host, opts.port)  # a port in use is said before the model is loaded
+    try:
+        service = open_service(opts, on_notice)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=None)

@@ -214,6 +214,18 @@ def test_bad_requests_get_openai_error_bodies(server, method, path, body, raw, s
     assert needle in data["error"]["message"], data
 
 
+def test_a_port_in_use_is_one_line_before_loading(tmp_path):
+    import socket
+
+    from tests.cli_helpers import one_line_error
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        one_line_error(invoke("serve", str(tmp_path / "none.gguf"), "--port", str(port)), f"127.0.0.1:{port}")
+
+
 def test_api_key(server):
     body = {"messages": [{"role": "user", "content": "hi"}]}
     for key in (None, "wrong"):
