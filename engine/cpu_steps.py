@@ -26,6 +26,7 @@ vocabulary pass then reads instead of dequantizing every chunk on every step.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -33,7 +34,8 @@ import torch
 from engine import sampler as S
 from engine.generate import StepOutcome
 
-__all__ = ["CpuFusedStep", "VocabTable", "exponential_words", "race_draw"]
+__all__ = ["CpuFusedStep", "VocabTable", "bf16_matmul_is_native", "cpu_vocab_table", "exponential_words",
+           "race_draw"]
 
 _MASK53 = (1 << 53) - 1
 # Rows whose words one random_ call fills: 2 MiB of int64 per row of a 262,144 vocabulary
@@ -75,29 +77,68 @@ def race_draw(z_rows: Any, rows: int, vocab: int, accepted: torch.Tensor,
 
 
 class VocabTable:
-    """The embedding table dequantized once into the compute dtype (DiffusionGemmaModel.vocab_table):
-    the same values `WeightStore.row_range` gives, so the vocabulary pass computes the same logits
-    from it, minus the dequantization of every chunk on every step."""
+    """The embedding table dequantized once (DiffusionGemmaModel.vocab_table), so the vocabulary pass
+    stops dequantizing every chunk on every step (a Q6_K table: ~4 s of CPU per step).
 
-    def __init__(self, model: Any):
+    In the model's compute dtype it holds exactly the values `WeightStore.row_range` gives, and the
+    pass computes the same logits from it. In bfloat16 (half the memory of fp32) both vocabulary
+    products take bf16 operands with fp32 accumulation, which a CPU with AVX512-BF16 or AMX runs
+    about 2.4 times as fast as fp32: the logits then carry bf16 rounding (~0.4 % of a logit,
+    tests/engine/test_cpu_steps.py bounds it), finer than the 8-bit activations llama.cpp's CPU
+    products use on a quantized table."""
+
+    def __init__(self, model: Any, dtype: torch.dtype | None = None):
         w, name = model.weights, model.token_embd
-        self.device, self.dtype = model.device, model.dtype
-        v = model.vocab
-        first = w.row_range(name, 0, min(model.vocab_chunk, v), self.device, self.dtype)
-        self.data = torch.empty(v, first.shape[1], dtype=self.dtype, device=self.device)
-        for s in range(0, v, model.vocab_chunk):  # chunk by chunk: never a second full copy
-            e = min(s + model.vocab_chunk, v)
-            self.data[s:e] = first if s == 0 else w.row_range(name, s, e, self.device, self.dtype)
+        self.device, self.dtype = model.device, dtype or model.dtype
+        v, chunk = model.vocab, model.vocab_chunk
+        self.data = torch.empty(v, model.spec.embedding_length, dtype=self.dtype, device=self.device)
+        for s in range(0, v, chunk):  # chunk by chunk: never a second full-size temporary
+            e = min(s + chunk, v)
+            self.data[s:e] = w.row_range(name, s, e, self.device, model.dtype)
 
     @staticmethod
-    def nbytes(model: Any) -> int:
-        return model.vocab * model.spec.embedding_length * torch.empty((), dtype=model.dtype).element_size()
+    def nbytes(model: Any, dtype: torch.dtype | None = None) -> int:
+        size = torch.empty((), dtype=dtype or model.dtype).element_size()
+        return model.vocab * model.spec.embedding_length * size
 
-    def holds(self, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> bool:
-        return device == self.device and dtype == self.dtype and stop <= self.data.shape[0]
+    def holds(self, start: int, stop: int, device: torch.device) -> bool:
+        return device == self.device and stop <= self.data.shape[0]
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.data[start:stop]
+
+
+# table types cheap enough to dequantize on every step that a full fp32 copy would not pay for itself
+_CHEAP_TABLES = frozenset({"F32", "F16", "BF16", "Q8_0"})
+
+
+def bf16_matmul_is_native() -> bool:
+    """torch multiplies bf16 with native instructions here (AVX512-BF16 or AMX); on an AVX2-only CPU
+    its bf16 matmul is a slow fallback (over 100x fp32 for the self-conditioning shape)."""
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def cpu_vocab_table(model: Any, available: int | None, bf16: bool = False) -> VocabTable | None:
+    """The compute copy `run` hands the vocabulary pass on the CPU, or None. Exact by default: an fp32
+    copy, only of a table that is slow to dequantize (K-quants and the like). With `bf16` (rounded
+    products, faster) a bf16 copy where bf16 matmul is native. Either only when it takes at most half
+    of the `available` host RAM left after the model file itself, which every step reads through the
+    page cache and which must stay there."""
+    if model.device.type != "cpu" or model.dtype != torch.float32 or available is None:
+        return None
+    if bf16 and bf16_matmul_is_native():
+        dtype = torch.bfloat16
+    elif model.weights.info(model.token_embd).qtype.name not in _CHEAP_TABLES:
+        dtype = torch.float32
+    else:
+        return None
+    path = getattr(model.weights, "path", None)
+    resident = os.path.getsize(path) if path is not None and os.path.exists(path) else 0
+    if VocabTable.nbytes(model, dtype) > (available - resident) // 2:
+        return None
+    return VocabTable(model, dtype)
 
 
 class CpuFusedStep:

@@ -383,8 +383,9 @@ class DiffusionGemmaModel:
         With a temperature the sampler's row statistics of z = logits / T (max, logsumexp, entropy,
         argmax; engine.row_stats) are gathered from the same chunks and left in `last_row_stats`,
         so a CPU sampler (engine.cpu_steps) needs no other sweep over [T, V] for them. The table
-        chunks come from `vocab_table` when one is set (a compute copy holding the same values,
-        engine.cpu_steps.VocabTable), else they are dequantized here."""
+        chunks come from `vocab_table` when one is set (engine.cpu_steps.VocabTable: a compute copy
+        dequantized once; in the compute dtype it holds the same values, in bf16 both products take
+        bf16 operands), else they are dequantized here."""
         out = torch.empty(x.shape[0], self.vocab, dtype=torch.float32, device=self.device)
         cap = self.spec.final_logit_softcapping
         soft = run_max = run_sum = stats = None
@@ -394,14 +395,17 @@ class DiffusionGemmaModel:
             run_sum = torch.zeros(x.shape[0], 1, device=self.device)
             stats = OnlineRowStats(x.shape[0], self.device)
         cached = getattr(self, "vocab_table", None)
+        x_as = {x.dtype: x}  # x in each table dtype met (a bf16 compute copy multiplies bf16 operands)
         for s in range(0, self.vocab, self.vocab_chunk):
             e = min(s + self.vocab_chunk, self.vocab)
-            if cached is not None and cached.holds(s, e, self.device, self.dtype):
+            if cached is not None and cached.holds(s, e, self.device):
                 table = cached.rows(s, e)
             else:
                 table = self.weights.row_range(self.token_embd, s, e, self.device, self.dtype)
+            if table.dtype not in x_as:
+                x_as[table.dtype] = x.to(table.dtype)
             chunk = out[:, s:e]
-            chunk.copy_(x @ table.T)
+            chunk.copy_(x_as[table.dtype] @ table.T)
             torch.tanh(chunk.div_(cap), out=chunk).mul_(cap)
             if temperature is not None:
                 z = chunk / torch.tensor(temperature, dtype=torch.float32, device=self.device)
@@ -412,7 +416,7 @@ class DiffusionGemmaModel:
                 p = torch.exp(d)
                 old_sum = run_sum
                 run_sum = run_sum * rescale + p.sum(-1, keepdim=True)
-                soft = soft * rescale + (p.to(self.dtype) @ table).float()
+                soft = soft * rescale + (p.to(table.dtype) @ table).float()
                 stats.update(z, s, z_max, run_max, new_max, old_sum, d, p)
                 run_max = new_max
         if soft is not None:

@@ -7,6 +7,7 @@ an EngineError with a one-line message.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -322,9 +323,14 @@ def _generate(lm: LoadedModel, ids: list[int], max_new: int, opts: RunOptions, d
         # drawn (engine/cpu_steps.py: the same tokens as the reference step, without its [C, V] sweeps)
         step = None
         if device.type == "cpu" and CPU_FUSED_STEP:
-            from .cpu_steps import CpuFusedStep
+            from .cpu_steps import CpuFusedStep, cpu_vocab_table
 
             step = CpuFusedStep(lm.model, runner.cache)
+            # and a compute copy of the embedding table if RAM allows: fp32 (same logits) for a table that
+            # is slow to dequantize; DIFFGEMMA_CPU_BF16=1 asks for a bf16 copy (rounded vocabulary products,
+            # about twice as fast where bf16 matmul is native)
+            lm.model.vocab_table = cpu_vocab_table(lm.model, plan_cli.host_available(),
+                                                   bf16=os.environ.get("DIFFGEMMA_CPU_BF16") == "1")
         result = generate(
             runner, torch.tensor(ids, dtype=torch.long), max_new_tokens=max_new, generator=generator,
             on_step=on_step, on_canvas=canvas_done, sampler_step=step, **sampler_kwargs(spec, opts))

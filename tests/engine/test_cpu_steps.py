@@ -127,3 +127,76 @@ def test_run_takes_the_fused_step_on_the_cpu_and_draws_the_same(tiny_gguf, monke
     ref = run.run_prompt(tiny_gguf, "hello there", run.RunOptions(**opts))
     assert not used
     assert fast.token_ids == ref.token_ids and fast.steps_per_canvas == ref.steps_per_canvas
+
+
+def test_bf16_table_stays_within_its_rounding_bound(tiny_model):
+    """A bf16 compute copy rounds x and the table (unit roundoff u = 2^-9 each) and each chunk's
+    product (u again); fp32 accumulation adds K * 2^-24. The softcap is 1-Lipschitz, so each capped
+    logit moves at most (2u + u^2 + K 2^-24) sum|x_i w_i| + u (|y| + that), y the fp32 product. The
+    soft embedding is checked against softmax of the pass's own logits @ E, the statistics likewise."""
+    m = tiny_model
+    m.vocab_chunk = 100
+    x = rms_norm(torch.randn(12, m.spec.embedding_length, generator=torch.Generator().manual_seed(4)) * 2,
+                 m.w(m.output_norm), m.eps)
+    ref, ref_soft = m.torch_vocab_pass(x, 0.5)
+    ref_stats = m.last_row_stats
+    m.vocab_table = VocabTable(m, torch.bfloat16)
+    try:
+        got, got_soft = m.torch_vocab_pass(x, 0.5)
+        got_stats = m.last_row_stats
+    finally:
+        m.vocab_table = None
+    table = m.weights.row_range(m.token_embd, 0, m.vocab)
+    u, k = 2.0 ** -9, x.shape[1]
+    dots = x.abs() @ table.abs().T
+    product_err = (2 * u + u * u + k * 2.0 ** -24) * dots
+    bound = product_err + u * ((x @ table.T).abs() + product_err)
+    assert ((got - ref).abs() <= bound).all()
+    assert (bound.mean() / (x @ table.T).abs().mean()) < 0.05  # the bound says something
+    # the soft embedding of those logits: p and the table rounded (u each), each chunk's sum (u)
+    p = torch.softmax(got / 0.5, dim=-1)
+    soft_bound = (3 * u + u * u + m.vocab * 2.0 ** -24) * (p @ table.abs())
+    assert ((got_soft - p @ table).abs() <= soft_bound + 1e-6).all()
+    assert torch.equal(got_stats.argmax, (got / 0.5).argmax(-1))
+    torch.testing.assert_close(got_stats.entropy, S.entropy(got / 0.5), rtol=1e-5, atol=2e-6)
+    assert ref_stats.entropy.shape == got_stats.entropy.shape and not torch.equal(got, ref)
+
+
+def test_the_compute_copy_run_asks_for(monkeypatch, tmp_path):
+    import types
+
+    from engine import cpu_steps
+
+    made = []
+    monkeypatch.setattr(cpu_steps, "VocabTable", type("Stub", (), {
+        "__init__": lambda self, model, dtype: made.append(dtype), "nbytes": staticmethod(VocabTable.nbytes)}))
+
+    def model(qtype, device="cpu", dtype=torch.float32):
+        info = types.SimpleNamespace(qtype=types.SimpleNamespace(name=qtype))
+        return types.SimpleNamespace(device=torch.device(device), dtype=dtype, vocab=1000, token_embd="t",
+                                     spec=types.SimpleNamespace(embedding_length=100),
+                                     weights=types.SimpleNamespace(info=lambda name: info))
+
+    big = 1 << 40
+    for native in (True, False):
+        monkeypatch.setattr(cpu_steps, "bf16_matmul_is_native", lambda native=native: native)
+        made.clear()
+        assert cpu_steps.cpu_vocab_table(model("F16"), big) is None  # cheap to dequantize: no exact copy
+        cpu_steps.cpu_vocab_table(model("Q6_K"), big)
+        cpu_steps.cpu_vocab_table(model("F16"), big, bf16=True)
+        assert made == ([torch.float32, torch.bfloat16] if native else [torch.float32])
+    monkeypatch.setattr(cpu_steps, "bf16_matmul_is_native", lambda: True)
+    made.clear()
+    assert cpu_steps.cpu_vocab_table(model("Q6_K"), 2 * 1000 * 100 * 2 - 1, True) is None  # over half the RAM
+    assert not made
+    assert cpu_steps.cpu_vocab_table(model("Q6_K"), big, True) is not None and made == [torch.bfloat16]
+    assert cpu_steps.cpu_vocab_table(model("Q6_K", dtype=torch.bfloat16), big) is None
+    assert cpu_steps.cpu_vocab_table(model("Q6_K"), None) is None
+    # the model file has to stay in the page cache: only what is left after it counts
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(300_000))
+    m = model("Q6_K")
+    m.weights.path = path
+    made.clear()
+    assert cpu_steps.cpu_vocab_table(m, 300_000 + 2 * 400_000 - 1) is None and not made
+    assert cpu_steps.cpu_vocab_table(m, 300_000 + 2 * 400_000) is not None and made == [torch.float32]
