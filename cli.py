@@ -168,7 +168,7 @@ def _stderr_is_terminal() -> bool:
 # ---- quantize / inspect -------------------------------------------------------------------------------
 
 TYPES_HELP = (f"Tensor type or preset, as llama.cpp spells it: {', '.join(available_presets())} "
-              f"(default {DEFAULT_TYPE}).")
+              f"(default {DEFAULT_TYPE}); or a FILE.toml preset (quantize --target --save-preset).")
 
 
 @command()
