@@ -148,8 +148,11 @@ def check_imatrix(plan: ConversionPlan) -> None:
     if plan.preset.is_float:
         raise PresetError(f"--imatrix needs a quantized type, not {plan.preset.name}")
     names = {t.name for t in plan.tensors}
-    stray = sorted(n for n in plan.imatrix.entries if n not in names and n != "output.weight")
-    if stray:  # llama-quantize would ignore them; here they mean the matrix was made for another model
+    # llama-quantize ignores entries it has no tensor for; a blk.* one means the matrix was made for
+    # another model (other layers or attention layout). Others are allowed: a diffusion-gemma imatrix
+    # has self_cond_* entries that its gemma4 copy lacks.
+    stray = sorted(n for n in plan.imatrix.entries if n not in names and needs_imatrix_entry(n))
+    if stray:
         raise ConversionError(f"imatrix {plan.imatrix.path} has {len(stray)} entries for tensors this model does "
                               f"not have (first: {stray[0]}); it was made for another model")
     for t in plan.tensors:
