@@ -200,3 +200,23 @@ def test_the_compute_copy_run_asks_for(monkeypatch, tmp_path):
     made.clear()
     assert cpu_steps.cpu_vocab_table(m, 300_000 + 2 * 400_000 - 1) is None and not made
     assert cpu_steps.cpu_vocab_table(m, 300_000 + 2 * 400_000) is not None and made == [torch.float32]
+
+
+def test_run_never_computes_prompt_logits(tiny_gguf, monkeypatch):
+    """Prefill (the prompt and each committed canvas) only fills the KV cache: no vocabulary pass
+    without a temperature, i.e. no logits that would be thrown away."""
+    import engine.run as run
+
+    passes = []
+    real = DiffusionGemmaModel.torch_vocab_pass
+    monkeypatch.setattr(DiffusionGemmaModel, "torch_vocab_pass",
+                        lambda self, x, t: passes.append((x.shape[0], t)) or real(self, x, t))
+    canvases = 0
+    for seed in range(4):  # some runs stop at an end token; others encode committed canvases as context too
+        passes.clear()
+        res = run.run_prompt(tiny_gguf, "hello there", run.RunOptions(max_new_tokens=40, steps=3, seed=seed,
+                                                                      raw=True, device="cpu"))
+        assert passes and all(t is not None for _, t in passes)
+        assert len(passes) == sum(res.steps_per_canvas)
+        canvases = max(canvases, len(res.steps_per_canvas))
+    assert canvases > 1
